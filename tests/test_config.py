@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from textimg.config import PRESETS, get_preset
+
+
+def test_explicit_preset_wins(monkeypatch):
+    monkeypatch.setenv("TEXTIMG_PRESET", "cpu")
+    assert get_preset("quick") == "quick"
+    assert get_preset(" GPU ") == "gpu"
+
+
+def test_preset_from_environment(monkeypatch):
+    for name in PRESETS:
+        monkeypatch.setenv("TEXTIMG_PRESET", name)
+        assert get_preset() == name
+
+
+def test_default_preset_follows_hardware(monkeypatch):
+    monkeypatch.delenv("TEXTIMG_PRESET", raising=False)
+    assert get_preset() == ("gpu" if torch.cuda.is_available() else "cpu")
+
+
+def test_unknown_preset_names_the_choices(monkeypatch):
+    with pytest.raises(ValueError, match="unknown preset 'fast': choose one of quick, cpu, gpu"):
+        get_preset("fast")
+    monkeypatch.setenv("TEXTIMG_PRESET", "turbo")
+    with pytest.raises(ValueError, match=r"\$TEXTIMG_PRESET='turbo'"):
+        get_preset()

@@ -1,0 +1,104 @@
+"""The course runner (textimg-course) and the notebooks' shared conventions."""
+
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import textimg
+from textimg.course import course_notebooks, find_notebooks_dir, main, relink, save_figures
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _tiny_notebook(path: Path, source: str = "print('hi')", markdown: str = "# T") -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell(markdown), nbformat.v4.new_code_cell(source)]
+    nbformat.write(nb, path)
+
+
+def test_notebooks_are_found_in_course_order(tmp_path):
+    for name in ["01_b.ipynb", "00_a.ipynb", "scratch.ipynb"]:
+        _tiny_notebook(tmp_path / name)
+    assert [p.name for p in course_notebooks(tmp_path)] == ["00_a.ipynb", "01_b.ipynb"]
+    assert [p.name for p in course_notebooks(tmp_path, ["1"])] == ["01_b.ipynb"]
+    with pytest.raises(ValueError, match="no notebook numbered 07"):
+        course_notebooks(tmp_path, ["07"])
+
+
+def test_find_notebooks_dir_from_a_subfolder():
+    assert find_notebooks_dir(ROOT / "tests") == ROOT / "notebooks"
+
+
+def test_bad_arguments_exit_nonzero(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", "turbo"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'turbo'" in capsys.readouterr().err
+    assert main(["--only", "99"]) == 2
+    assert "no notebook numbered 99" in capsys.readouterr().err
+
+
+def test_runner_executes_a_notebook_and_saves_its_figures(tmp_path, monkeypatch):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    code = ("import os, matplotlib.pyplot as plt\n"
+            "plt.plot([1, 2]); plt.show()\n"
+            "print(os.environ['TEXTIMG_PRESET'])")
+    _tiny_notebook(folder / "00_demo.ipynb", code)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--preset", "quick", "--out", str(tmp_path / "out")]) == 0
+    nb = nbformat.read(tmp_path / "out" / "00_demo.ipynb", as_version=4)
+    texts = [o.get("text", "") for o in nb.cells[1].outputs]
+    assert "quick\n" in texts
+    assert len(list((tmp_path / "out" / "figures").glob("00_demo_cell01_*.png"))) == 1
+    assert save_figures(nb, tmp_path / "again", "x") == 1
+
+
+def test_runner_reports_a_failing_notebook(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    _tiny_notebook(folder / "00_broken.ipynb", "1 / 0")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--preset", "quick", "--out", str(tmp_path / "out")]) == 1
+    assert "00_broken.ipynb failed" in capsys.readouterr().err
+
+
+def test_relink_rewrites_badges_and_install_lines(tmp_path):
+    badge = "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/old/fork/blob/main/notebooks/00_a.ipynb)"
+    _tiny_notebook(tmp_path / "00_a.ipynb", 'URL = "textimg @ git+https://github.com/old/fork"', badge)
+    assert relink(tmp_path, "https://github.com/me/textimg") == [tmp_path / "00_a.ipynb"]
+    text = (tmp_path / "00_a.ipynb").read_text()
+    assert "github/me/textimg/blob/main/notebooks/00_a.ipynb" in text
+    assert "git+https://github.com/me/textimg" in text and "old/fork" not in text
+    assert relink(tmp_path, "https://github.com/me/textimg") == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebooks_follow_the_conventions(path):
+    nb = json.loads(path.read_text())
+    cells = nb["cells"]
+    head = "".join(cells[0]["source"])
+    slug = textimg.REPO_URL.removeprefix("https://github.com/")
+    assert f"colab.research.google.com/github/{slug}/blob/main/notebooks/{path.name}" in head, \
+        "the Colab badge must point at textimg.REPO_URL (run textimg-course --relink)"
+    assert re.search(r"quick.*cpu.*gpu", head, re.S), "the header states the time per preset"
+    setup = "".join(cells[1]["source"])
+    assert "google.colab" in setup and f"git+{textimg.REPO_URL}" in setup
+    assert "torch" not in re.findall(r"pip.*install[^\n]*", setup)[0].replace("textimg", ""), \
+        "the Colab install line must never reinstall torch"
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell is tagged 'parameters'"
+    code = [c for c in cells if c["cell_type"] == "code" and "".join(c["source"]).strip()]
+    assert all(c.get("execution_count") for c in code), "committed with the outputs of a real run"
+    counts = [c["execution_count"] for c in code]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts), "one top-to-bottom run"
+    errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"
+              and "raises-exception" not in c.get("metadata", {}).get("tags", [])]
+    assert not errors
+    text = "".join("".join(c["source"]) for c in cells)
+    assert "textimg.checks" in text or "from textimg import checks" in text, "exercises check themselves"
+    assert path.stat().st_size < 3 * 1024 * 1024

@@ -1,0 +1,112 @@
+"""Self-checking exercises: each ``check_*`` function tells the learner whether an answer is right.
+
+Every check prints one line, "✅ ..." or "❌ ..." with a hint, and returns True or False, so a
+notebook cell (or an autograder) can both show and use the result. Checks never reveal the answer
+in their hint; they say what to look at.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def _report(ok: bool, good: str, hint: str) -> bool:
+    print(("✅ " + good) if ok else ("❌ Not yet. " + hint))
+    return ok
+
+
+# ---- 00_introduction -------------------------------------------------------------------------
+
+def check_num_compositions(answer: int) -> bool:
+    """Exercise: how many distinct (shape, color, size, position) label sets can a *train* caption describe?"""
+    from .data import ShapesDataset
+
+    a = ShapesDataset.ATTRIBUTES
+    seen_pairs = len(a["shape"]) * len(a["color"]) - len(ShapesDataset.HELDOUT)
+    expected = seen_pairs * len(a["size"]) * len(a["position"])
+    return _report(answer == expected, f"Right: {expected} label sets.",
+                   "Multiply the number of words per attribute, but remember that some (color, shape) "
+                   "pairs never appear in train: ShapesDataset.HELDOUT.")
+
+
+def check_caption_for(caption: str, shape: str, color: str, size: str, position: str) -> bool:
+    """Exercise: write a caption, in the dataset's grammar, for the given attribute words."""
+    from .data import ShapesDataset, parse_caption
+
+    words = {"shape": shape, "color": color, "size": size, "position": position}
+    expected = {k: ShapesDataset.ATTRIBUTES[k].index(v) for k, v in words.items()}
+    try:
+        got = parse_caption(caption)
+    except (ValueError, TypeError) as err:
+        return _report(False, "", f"parse_caption cannot read it: {err}")
+    wrong = [k for k in expected if got.get(k) != expected[k]]
+    return _report(not wrong, f"Right: {caption!r} parses to {words}.",
+                   f"It parses, but these attributes differ: {', '.join(wrong)}.")
+
+
+def check_heldout_pairs(answer) -> bool:
+    """Exercise: which (color, shape) pairs never appear in the train split? (a set of tuples)"""
+    from .data import ShapesDataset
+
+    expected = {tuple(p) for p in ShapesDataset.HELDOUT}
+    got = {tuple(p) for p in answer}
+    return _report(got == expected, f"Right: {len(expected)} held-out pairs.",
+                   f"You listed {len(got)} pairs, {len(got & expected)} of them right. "
+                   "Count the pairs in a large train split, or read the dataset card.")
+
+
+# ---- 01_text_encoding ------------------------------------------------------------------------
+
+def check_masked_mean(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
+    """Exercise: write masked mean pooling ``fn(tokens (B, T, D), mask (B, T) bool) -> (B, D)``."""
+    from .text import masked_mean
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(4, 7, 5, generator=g)
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] * 1 + [0] * 6, [1] * 5 + [0] * 2]).bool()
+    try:
+        got = fn(tokens, mask)
+    except Exception as err:  # the learner's code may fail in any way: say how
+        return _report(False, "", f"your function raised {type(err).__name__}: {err}")
+    if not isinstance(got, torch.Tensor) or got.shape != (4, 5):
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        return _report(False, "", f"expected a tensor of shape (4, 5), got {shape}.")
+    if torch.allclose(got, tokens.mean(1), atol=1e-5):
+        return _report(False, "", "that is the plain mean: padding positions must not count.")
+    ok = torch.allclose(got, masked_mean(tokens, mask), atol=1e-5)
+    return _report(ok, "Right: padding positions are ignored.",
+                   "Sum only the positions where mask is True, then divide by how many there are.")
+
+
+def check_cosine_similarity(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
+    """Exercise: write ``fn(a (N, D), b (M, D)) -> (N, M)`` cosine similarities."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(3, 6, generator=g), torch.randn(4, 6, generator=g) * 5
+    expected = torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
+    try:
+        got = fn(a, b)
+    except Exception as err:
+        return _report(False, "", f"your function raised {type(err).__name__}: {err}")
+    if not isinstance(got, torch.Tensor) or got.shape != (3, 4):
+        return _report(False, "", "expected an (N, M) tensor: one similarity per pair of rows.")
+    ok = torch.allclose(got, expected, atol=1e-5)
+    return _report(ok, "Right.", "Divide each dot product by the two vectors' lengths (norms).")
+
+
+def check_token_count(text: str, answer: int, tokenizer) -> bool:
+    """Exercise: how many tokens, [CLS] and [SEP] included, does the tokenizer make of ``text``?"""
+    expected = len(tokenizer(text)["input_ids"])
+    return _report(answer == expected, f"Right: {expected} tokens.",
+                   "Count the WordPiece tokens from tokenizer.tokenize(text), then add the special tokens.")
+
+
+def check_nearest_caption(query: str, candidates: list[str], answer: int, encoder) -> bool:
+    """Exercise: the index of the candidate caption whose pooled vector is most cosine-similar to ``query``'s."""
+    pooled = encoder.encode([query, *candidates]).pooled
+    sims = torch.nn.functional.cosine_similarity(pooled[:1], pooled[1:])
+    expected = int(sims.argmax())
+    return _report(answer == expected, f"Right: {candidates[expected]!r}.",
+                   "Encode the query and the candidates, compare pooled vectors with cosine similarity, "
+                   "take the argmax.")
