@@ -56,7 +56,8 @@ def execute_notebook(path: Path, preset: str, timeout: int = 1800):
     os.environ["TEXTIMG_PRESET"] = preset
     # the kernel spec runs "python" from PATH: make sure it is this environment's
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    # figures must reach the notebook even if the caller's shell (or pytest) chose another backend
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     try:
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                                 resources={"metadata": {"path": str(path.parent)}})

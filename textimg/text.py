@@ -119,10 +119,12 @@ def _not_found(name: str, err: Exception) -> TextEncoderNotFoundError:
     import huggingface_hub.constants
 
     # A hub id is "name" or "org/name"; anything else is meant as a directory.
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
     offline = huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-    if looks_local:
-        why = f"there is no model directory (config.json, tokenizer, weights) at {name!r}"
+    if Path(name).expanduser().is_dir():
+        why = f"the directory {name!r} does not hold a complete model (config.json, tokenizer, weights)"
+    elif looks_local:
+        why = f"there is no model directory at {name!r}"
     elif offline:
         why = ("it is not in the local Hugging Face cache and the network is off (HF_HUB_OFFLINE=1). "
                "Connect to the internet once and unset HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE so it can "
@@ -138,17 +140,15 @@ def _not_found(name: str, err: Exception) -> TextEncoderNotFoundError:
 
 def _load(name: str, pretrained: bool, seed: int):
     """Returns (tokenizer, model) for an encoder name; see :class:`TextEncoder`."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, T5EncoderModel
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, T5EncoderModel
 
-    source = {"minilm": _minilm_source(), "tiny-bert": _minilm_source()}.get(name, name)
-    source = os.path.expanduser(source)
+    source = _minilm_source() if name in ("minilm", "tiny-bert") else os.path.expanduser(name)
     try:
         with _quiet_loading():
             tokenizer = AutoTokenizer.from_pretrained(source)
             if name == "tiny-bert":  # for tests: MiniLM's uncased vocabulary, a tiny random BERT
                 config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                                     num_attention_heads=2, intermediate_size=64)
-                pretrained = False
             else:
                 config = AutoConfig.from_pretrained(source)
             # T5 is an encoder-decoder; we want its encoder only, as Imagen does.
@@ -182,6 +182,9 @@ class TextEncoder:
             baseline notebook 01 compares against, e.g. ``TextEncoder("minilm", pretrained=False)``.
         seed: seed of the random weights when ``pretrained=False`` (and of ``"tiny-bert"``).
 
+    Attributes: ``name``, ``tokenizer`` and ``model`` (the Hugging Face ones), ``dim``, ``device``,
+    ``max_length``, ``cache_hits`` / ``cache_misses``.
+
     Raises:
         TextEncoderNotFoundError (an OSError): the model is not installed and cannot be downloaded.
     """
@@ -190,10 +193,11 @@ class TextEncoder:
                  cache: bool = True, pretrained: bool = True, seed: int = 0):
         if not isinstance(name, str) or not name.strip():
             raise TypeError(f"name must be a model name or directory, got {name!r}")
-        self._name, self.pretrained, self.seed, self.cache = name, pretrained, seed, cache
-        self._tokenizer, self._model = _load(name, pretrained, seed)
-        self._model.eval().requires_grad_(False)  # frozen: we never train the text encoder
-        limit = getattr(self._model.config, "max_position_embeddings", None) or self._tokenizer.model_max_length
+        self.name, self.seed, self.cache = name, seed, cache
+        self.pretrained = pretrained and name != "tiny-bert"
+        self.tokenizer, self.model = _load(name, self.pretrained, seed)
+        self.model.eval().requires_grad_(False)  # frozen: we never train the text encoder
+        limit = getattr(self.model.config, "max_position_embeddings", None) or self.tokenizer.model_max_length
         if not isinstance(max_length, int) or not 2 <= max_length <= limit:
             raise ValueError(f"max_length must be an int in [2, {limit}] for {name!r}, got {max_length!r}")
         self.max_length = max_length
@@ -202,32 +206,18 @@ class TextEncoder:
         self.cache_hits = self.cache_misses = 0
         self.to(device or "cpu")
 
-    # --- properties -------------------------------------------------------------------------
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self._model
-
     @property
     def dim(self) -> int:
         """Hidden size D of the token vectors (384 for MiniLM, 768 for BERT-base, 512 for t5-small)."""
-        return self._model.config.hidden_size
+        return self.model.config.hidden_size
 
     @property
     def device(self) -> torch.device:
-        return next(self._model.parameters()).device
+        return next(self.model.parameters()).device
 
     def to(self, device: str | torch.device) -> "TextEncoder":
         """Moves the model to ``device``; later outputs live there. Returns self."""
-        self._model.to(device)
+        self.model.to(device)
         return self
 
     def __repr__(self) -> str:
@@ -237,20 +227,20 @@ class TextEncoder:
 
     # --- encoding ---------------------------------------------------------------------------
 
-    @torch.no_grad()  # not inference_mode: outputs stay ordinary tensors usable by later autograd
-    def _run(self, texts: list[str]) -> TextEncoding:
+    def _run(self, texts: list[str], stacklevel: int = 3) -> TextEncoding:
         """Runs the model on one batch, padded to its longest caption."""
-        lengths = self._tokenizer(texts, truncation=True, max_length=self.max_length + 1,
+        lengths = self.tokenizer(texts, truncation=True, max_length=self.max_length + 1,
                                   return_attention_mask=False, return_token_type_ids=False)["input_ids"]
         if not self._warned_truncation and any(len(ids) > self.max_length for ids in lengths):
             self._warned_truncation = True
             warnings.warn(f"{self.name}: a caption is longer than max_length={self.max_length} tokens and "
                           "was truncated; pass a larger max_length to keep all of it (warned once)",
-                          UserWarning, stacklevel=2)
-        batch = self._tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length,
+                          UserWarning, stacklevel=stacklevel)
+        batch = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length,
                                 return_tensors="pt").to(self.device)
         mask = batch["attention_mask"].bool()  # (B, T)
-        out = self._model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        with torch.no_grad():  # not inference_mode: outputs stay ordinary tensors usable by later autograd
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         tokens = out.last_hidden_state.float() * mask.unsqueeze(-1)  # (B, T, D), padding zeroed
         return TextEncoding(tokens, mask, masked_mean(tokens, mask))
 
@@ -271,16 +261,17 @@ class TextEncoder:
 
     def _fill_cache(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> int:
         """Encodes the captions not yet cached, ``batch_size`` at a time. Returns how many."""
-        todo = sorted({t for t in texts if t not in self._cache}, key=lambda t: (len(t), t))  # similar lengths, less padding
+        # sorted by length, so each chunk pads little (and, for a given set, chunks are reproducible)
+        todo = sorted({t for t in texts if t not in self._cache}, key=lambda t: (len(t), t))
         chunks = range(0, len(todo), batch_size)
         if progress:
             from tqdm.auto import tqdm
             chunks = tqdm(chunks, desc=f"encoding captions ({self.name})", unit="batch")
         for start in chunks:
             chunk = todo[start:start + batch_size]
-            enc = self._run(chunk).to("cpu")
+            enc = self._run(chunk, stacklevel=4).to("cpu")  # the warning names the user's line
             for text, tok, m, pooled in zip(chunk, enc.tokens, enc.mask, enc.pooled):
-                self._cache[text] = (tok[m].clone(), pooled.clone())  # (T_i, D), (D,)
+                self._cache[text] = (tok[m], pooled)  # (T_i, D) (a copy: boolean indexing), (D,)
         self.cache_misses += len(todo)
         self.cache_hits += len(texts) - len(todo)
         return len(todo)
@@ -345,8 +336,9 @@ class TextEncoder:
         return self._fill_cache(self._check(list(captions)), batch_size, progress)
 
     def _identity(self) -> dict[str, str]:
-        return {"encoder": self.name, "pretrained": str(self.pretrained), "seed": str(self.seed),
-                "max_length": str(self.max_length), "dim": str(self.dim)}
+        """What makes two encoders give the same vectors (saved with, and checked against, a cache)."""
+        return {"encoder": self.name, "pretrained": str(self.pretrained),
+                "seed": "-" if self.pretrained else str(self.seed), "max_length": str(self.max_length)}
 
     def save_cache(self, path: str | Path) -> Path:
         """Writes the cache to one safetensors file, atomically.
@@ -376,18 +368,21 @@ class TextEncoder:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no text-encoding cache at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != CACHE_FORMAT:
-                raise ValueError(f"{path} is not a textimg text-encoding cache")
-            mine = self._identity()
-            diff = {k: (meta.get(k), v) for k, v in mine.items() if meta.get(k) != v}
-            if diff:
-                said = ", ".join(f"{k}={a!r} (this encoder: {b!r})" for k, (a, b) in diff.items())
-                raise ValueError(f"{path} was made by a different text encoder: {said}; "
-                                 "re-encode the captions with this one")
-            tokens, offsets, pooled = f.get_tensor("tokens"), f.get_tensor("offsets"), f.get_tensor("pooled")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # a truncated or foreign file
+            raise ValueError(f"{path} could not be read as safetensors ({type(err).__name__}: {err})") from err
+        if meta.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{path} is not a textimg text-encoding cache")
+        diff = {k: (meta.get(k), v) for k, v in self._identity().items() if meta.get(k) != v}
+        if diff:
+            said = ", ".join(f"{k}={a!r} (this encoder: {b!r})" for k, (a, b) in diff.items())
+            raise ValueError(f"{path} was made by a different text encoder: {said}; "
+                             "re-encode the captions with this one")
+        tokens, offsets, pooled = tensors["tokens"], tensors["offsets"].tolist(), tensors["pooled"]
         captions = json.loads(meta["captions"])
         for i, caption in enumerate(captions):
-            self._cache[caption] = (tokens[offsets[i]:offsets[i + 1]].clone(), pooled[i].clone())
+            self._cache[caption] = (tokens[offsets[i]:offsets[i + 1]], pooled[i])  # views of one buffer
         return len(captions)
