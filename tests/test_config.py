@@ -27,3 +27,14 @@ def test_unknown_preset_names_the_choices(monkeypatch):
     monkeypatch.setenv("TEXTIMG_PRESET", "turbo")
     with pytest.raises(ValueError, match=r"\$TEXTIMG_PRESET='turbo'"):
         get_preset()
+
+
+def test_cache_dir(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from textimg.config import cache_dir
+
+    monkeypatch.setenv("TEXTIMG_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path
+    monkeypatch.delenv("TEXTIMG_CACHE")
+    assert cache_dir() == Path(__file__).resolve().parent.parent / "data" / "cache"  # a clone

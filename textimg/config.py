@@ -43,3 +43,16 @@ def get_preset(preset: str | None = None) -> str:
         except ValueError as err:
             raise ValueError(f"${ENV_VAR}={from_env!r}: {err}") from None
     return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def cache_dir() -> "Path":
+    """Where rendered caches and text-encoding caches go: $TEXTIMG_CACHE, else ``data/cache`` of the
+    course repository when the package runs from a clone, else ``~/.cache/textimg``."""
+    from pathlib import Path
+
+    if os.environ.get("TEXTIMG_CACHE"):
+        return Path(os.environ["TEXTIMG_CACHE"]).expanduser()
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / "pyproject.toml").is_file() and (repo / "data").is_dir():
+        return repo / "data" / "cache"
+    return Path.home() / ".cache" / "textimg"
