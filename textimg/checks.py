@@ -17,12 +17,32 @@ def _report(ok: bool, good: str, hint: str) -> bool:
     return ok
 
 
+def _unanswered(answer) -> bool:
+    """True (and says so) while the learner's answer is still the placeholder None or ``...``."""
+    if answer is None or answer is Ellipsis:
+        print("❌ No answer yet: replace the None (or ...) with your answer and run the cell again.")
+        return True
+    return False
+
+
+def compare(name: str, mine: torch.Tensor, reference: torch.Tensor, atol: float = 1e-5) -> bool:
+    """Compares a result a notebook derived by hand with the package's (micrograd's ``cmp``)."""
+    mine, reference = torch.as_tensor(mine).detach().cpu(), torch.as_tensor(reference).detach().cpu()
+    if mine.shape != reference.shape:
+        return _report(False, "", f"{name}: shapes differ, {tuple(mine.shape)} vs {tuple(reference.shape)}.")
+    diff = (mine.float() - reference.float()).abs().max().item() if mine.numel() else 0.0
+    return _report(diff <= atol, f"{name}: matches the package (max difference {diff:.1e}).",
+                   f"{name}: differs from the package by up to {diff:.1e}.")
+
+
 # ---- 00_introduction -------------------------------------------------------------------------
 
 def check_num_compositions(answer: int) -> bool:
     """Exercise: how many distinct (shape, color, size, position) label sets can a *train* caption describe?"""
     from .data import ShapesDataset
 
+    if _unanswered(answer):
+        return False
     a = ShapesDataset.ATTRIBUTES
     seen_pairs = len(a["shape"]) * len(a["color"]) - len(ShapesDataset.HELDOUT)
     expected = seen_pairs * len(a["size"]) * len(a["position"])
@@ -35,6 +55,8 @@ def check_caption_for(caption: str, shape: str, color: str, size: str, position:
     """Exercise: write a caption, in the dataset's grammar, for the given attribute words."""
     from .data import ShapesDataset, parse_caption
 
+    if _unanswered(caption):
+        return False
     words = {"shape": shape, "color": color, "size": size, "position": position}
     expected = {k: ShapesDataset.ATTRIBUTES[k].index(v) for k, v in words.items()}
     try:
@@ -50,6 +72,8 @@ def check_heldout_pairs(answer) -> bool:
     """Exercise: which (color, shape) pairs never appear in the train split? (a set of tuples)"""
     from .data import ShapesDataset
 
+    if _unanswered(answer):
+        return False
     expected = {tuple(p) for p in ShapesDataset.HELDOUT}
     got = {tuple(p) for p in answer}
     return _report(got == expected, f"Right: {len(expected)} held-out pairs.",
@@ -63,6 +87,8 @@ def check_masked_mean(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) 
     """Exercise: write masked mean pooling ``fn(tokens (B, T, D), mask (B, T) bool) -> (B, D)``."""
     from .text import masked_mean
 
+    if _unanswered(fn):
+        return False
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(4, 7, 5, generator=g)
     mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] * 1 + [0] * 6, [1] * 5 + [0] * 2]).bool()
@@ -82,6 +108,8 @@ def check_masked_mean(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) 
 
 def check_cosine_similarity(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
     """Exercise: write ``fn(a (N, D), b (M, D)) -> (N, M)`` cosine similarities."""
+    if _unanswered(fn):
+        return False
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(3, 6, generator=g), torch.randn(4, 6, generator=g) * 5
     expected = torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
@@ -97,6 +125,8 @@ def check_cosine_similarity(fn: Callable[[torch.Tensor, torch.Tensor], torch.Ten
 
 def check_token_count(text: str, answer: int, tokenizer) -> bool:
     """Exercise: how many tokens, [CLS] and [SEP] included, does the tokenizer make of ``text``?"""
+    if _unanswered(answer):
+        return False
     expected = len(tokenizer(text)["input_ids"])
     return _report(answer == expected, f"Right: {expected} tokens.",
                    "Count the WordPiece tokens from tokenizer.tokenize(text), then add the special tokens.")
@@ -104,6 +134,8 @@ def check_token_count(text: str, answer: int, tokenizer) -> bool:
 
 def check_nearest_caption(query: str, candidates: list[str], answer: int, encoder) -> bool:
     """Exercise: the index of the candidate caption whose pooled vector is most cosine-similar to ``query``'s."""
+    if _unanswered(answer):
+        return False
     pooled = encoder.encode([query, *candidates]).pooled
     sims = torch.nn.functional.cosine_similarity(pooled[:1], pooled[1:])
     expected = int(sims.argmax())

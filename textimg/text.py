@@ -253,7 +253,7 @@ class TextEncoder:
             raise ValueError("texts is an empty list: there is nothing to encode")
         for i, text in enumerate(texts):
             if not isinstance(text, str):
-                raise TypeError(f"prompt at position {i} is a {type(text).__name__}, not a str: {text!r}")
+                raise TypeError(f"prompt at position {i} is not a str but {type(text).__name__}: {text!r}")
             if not text.strip():
                 raise ValueError(f"prompt at position {i} is empty; to ask for 'no text' (e.g. for "
                                  "classifier-free guidance) use encode_unconditional(batch_size)")

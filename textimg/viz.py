@@ -45,7 +45,7 @@ def show_images(images: torch.Tensor, captions: Sequence[str] | None = None, nro
         ax.axis("off")
     else:
         rows = (n + nrow - 1) // nrow
-        fig, axes = plt.subplots(rows, nrow, figsize=(scale * 1.4 * nrow, scale * 1.6 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, nrow, figsize=(scale * 1.4 * nrow, scale * 1.9 * rows), squeeze=False)
         unit = to_unit(images, value_range)
         for k, ax in enumerate(axes.flat):
             ax.axis("off")
@@ -65,7 +65,7 @@ def plot_heatmap(matrix, row_labels: Sequence[str], col_labels: Sequence[str] | 
 
     m = matrix.detach().cpu().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix)
     col_labels = row_labels if col_labels is None else col_labels
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * m.shape[1], 0.8 + 0.45 * m.shape[0]))
+    fig, ax = plt.subplots(figsize=(1.5 + 0.7 * m.shape[1], 1.0 + 0.5 * m.shape[0]))
     im = ax.imshow(m, cmap=cmap)
     ax.set_xticks(range(m.shape[1]), col_labels, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(m.shape[0]), row_labels, fontsize=8)
@@ -73,7 +73,7 @@ def plot_heatmap(matrix, row_labels: Sequence[str], col_labels: Sequence[str] | 
         mid = (m.max() + m.min()) / 2
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
-                ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=6,
+                ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=7,
                         color="black" if m[i, j] > mid else "white")
     fig.colorbar(im, ax=ax, fraction=0.046)
     if title:

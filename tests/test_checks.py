@@ -1,0 +1,74 @@
+"""Every exercise check says yes to a right answer, no to wrong ones, and copes with no answer."""
+
+import pytest
+import torch
+
+from textimg import checks
+from textimg.data import HELDOUT
+
+
+def test_compare(capsys):
+    assert checks.compare("x", torch.ones(3), torch.ones(3))
+    assert not checks.compare("x", torch.ones(3), torch.ones(3) + 1e-3)
+    assert not checks.compare("x", torch.ones(3), torch.ones(4))
+    assert "shapes differ" in capsys.readouterr().out
+
+
+def test_num_compositions():
+    assert checks.check_num_compositions((6 * 8 - len(HELDOUT)) * 2 * 9)
+    assert not checks.check_num_compositions(6 * 8 * 2 * 9)  # forgot the held-out pairs
+    assert not checks.check_num_compositions(None)
+
+
+def test_caption_for(capsys):
+    assert checks.check_caption_for("a big turquoise plus sign in the lower right", "cross", "cyan", "large",
+                                    "bottom right")
+    assert not checks.check_caption_for("a big cyan cross in the lower left", "cross", "cyan", "large",
+                                        "bottom right")
+    assert "position" in capsys.readouterr().out
+    assert not checks.check_caption_for("a cat", "cross", "cyan", "large", "bottom right")
+    assert not checks.check_caption_for(None, "cross", "cyan", "large", "bottom right")
+
+
+def test_heldout_pairs():
+    assert checks.check_heldout_pairs(list(HELDOUT))
+    assert not checks.check_heldout_pairs(list(HELDOUT)[:-1])
+    assert not checks.check_heldout_pairs(None)
+
+
+def test_masked_mean(capsys):
+    def right(tokens, mask):
+        m = mask.unsqueeze(-1).float()
+        return (tokens * m).sum(1) / m.sum(1)
+
+    assert checks.check_masked_mean(right)
+    assert not checks.check_masked_mean(lambda t, m: t.mean(1))
+    assert "plain mean" in capsys.readouterr().out
+    assert not checks.check_masked_mean(lambda t, m: t.sum(1))
+    assert not checks.check_masked_mean(lambda t, m: 1 / 0)
+    assert "ZeroDivisionError" in capsys.readouterr().out
+    assert not checks.check_masked_mean(None)
+
+
+def test_cosine_similarity():
+    def right(a, b):
+        return (a / a.norm(dim=1, keepdim=True)) @ (b / b.norm(dim=1, keepdim=True)).T
+
+    assert checks.check_cosine_similarity(right)
+    assert not checks.check_cosine_similarity(lambda a, b: a @ b.T)
+    assert not checks.check_cosine_similarity(None)
+
+
+def test_token_count(tiny_bert):
+    text = "a tiny violet rhombus"
+    n = len(tiny_bert.tokenizer.tokenize(text)) + 2  # [CLS] ... [SEP]
+    assert checks.check_token_count(text, n, tiny_bert.tokenizer)
+    assert not checks.check_token_count(text, n - 2, tiny_bert.tokenizer)
+    assert not checks.check_token_count(text, None, tiny_bert.tokenizer)
+
+
+@pytest.mark.parametrize("answer,ok", [(1, True), (0, False), (None, False)])
+def test_nearest_caption(minilm, answer, ok):
+    query = "a small red circle in the top left"
+    candidates = ["a large blue square in the bottom right", "a tiny red disc in the upper left"]
+    assert checks.check_nearest_caption(query, candidates, answer, minilm) is ok
