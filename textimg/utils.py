@@ -96,3 +96,121 @@ def save_json(obj, path: str | Path) -> Path:
     """Writes ``obj`` as indented JSON, atomically."""
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+# -----------------------------------------------------------------------------------------------
+# Pretrained modules: safetensors weights + a JSON config, checked against a SHA-256 manifest
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class ChecksumError(ValueError):
+    """A file's SHA-256 differs from the one its manifest records (the file changed or is corrupted)."""
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Number of parameters (trainable or not) of a module."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def save_pretrained_module(module: torch.nn.Module, config: dict, directory: str | Path) -> Path:
+    """Writes ``directory/model.safetensors`` (the state dict) and ``directory/config.json``, each atomically.
+
+    Safetensors holds tensors only, so loading it never runs code (unlike a pickle).
+
+    Returns:
+        the directory.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    # contiguous copies that share no memory: safetensors refuses tied or strided views
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    save_json(config, directory / CONFIG_NAME)
+    return directory
+
+
+def read_manifest(manifest: str | Path) -> dict[str, str]:
+    """The manifest's {path relative to the manifest's folder: sha256}; raises naming the file."""
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no checkpoint manifest at {manifest}")
+    try:
+        entries = json.loads(manifest.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"manifest {manifest} is not valid JSON ({err})") from err
+    if not isinstance(entries, dict) or not all(isinstance(v, str) for v in entries.values()):
+        raise ValueError(f"manifest {manifest} must map file paths to SHA-256 hex strings")
+    return entries
+
+
+def update_manifest(manifest: str | Path, files: list[str | Path]) -> dict[str, str]:
+    """Records the SHA-256 of each file in the manifest (JSON), keyed by its path relative to the
+    manifest's folder; other entries are kept. Written atomically. Returns the new entries."""
+    manifest = Path(manifest)
+    entries = read_manifest(manifest) if manifest.is_file() else {}
+    for file in files:
+        file = Path(file)
+        if not file.is_file():
+            raise FileNotFoundError(f"cannot record {file} in the manifest: no such file")
+        key = file.resolve().relative_to(manifest.resolve().parent).as_posix()
+        entries[key] = sha256_file(file)
+    save_json(entries, manifest)
+    return entries
+
+
+def verify_file(path: str | Path, manifest: str | Path) -> None:
+    """Checks a file's SHA-256 against the manifest.
+
+    Raises:
+        FileNotFoundError: the file (or the manifest) is missing.
+        ChecksumError: the file is not in the manifest, or its hash differs.
+    """
+    path, manifest = Path(path), Path(manifest)
+    entries = read_manifest(manifest)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} is missing")
+    key = path.resolve().relative_to(manifest.resolve().parent).as_posix()
+    if key not in entries:
+        raise ChecksumError(f"{path} is not recorded in {manifest}; run update_manifest after saving it")
+    actual = sha256_file(path)
+    if actual != entries[key]:
+        raise ChecksumError(f"{path} does not match its SHA-256 in {manifest} (expected {entries[key][:12]}..., "
+                            f"got {actual[:12]}...): the file was changed or is corrupted")
+
+
+def load_pretrained_state(directory: str | Path, manifest: str | Path | None = None) -> tuple[dict, dict]:
+    """Reads what :func:`save_pretrained_module` wrote, safely (safetensors: no pickled code runs).
+
+    Args:
+        directory: holds model.safetensors and config.json.
+        manifest: a MANIFEST.json to check both files' SHA-256 against first; None skips the check.
+
+    Returns:
+        (state_dict of CPU tensors, config dict).
+
+    Raises:
+        FileNotFoundError: a file is missing; ChecksumError: a hash differs from the manifest's;
+        ValueError: a file cannot be read. Every message names the file.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    weights, config_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
+    for path in (weights, config_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint file {path} is missing")
+        if manifest is not None:
+            verify_file(path, manifest)
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as err:  # a truncated or foreign file
+        raise ValueError(f"{weights} could not be read as safetensors ({type(err).__name__}: {err}); "
+                         "it may be corrupted") from err
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}); it may be corrupted") from err
+    return state, config

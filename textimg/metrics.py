@@ -1,0 +1,332 @@
+"""Measuring generated images (notebooks 02 and 05): does the image show what the caption says?
+
+The *judge* is a small CNN attribute classifier, one head per attribute of the shapes dataset
+(shape, color, size, position), trained once on real rendered images and committed in
+``checkpoints/judge/``. Scoring a generator means: generate an image for each caption, let the
+judge read its attributes, and compare with the attributes parsed from the caption
+(:func:`caption_accuracy`). This is the shapes-world analogue of scoring with a pretrained
+classifier, as the Inception Score (Salimans et al. 2016) and FID (Heusel et al. 2017) do with
+Inception-v3; the judge's penultimate features (:meth:`Judge.features`) serve the same role for
+the Fréchet distance and the diversity score that later stages add.
+
+The judge works at 64x64; 32x32 images are resized up with bilinear interpolation inside
+:meth:`Judge.forward`. It is trained on a mix of native 64x64 images and 64->32->64 round-tripped
+ones, so it is fair to both sizes.
+
+Reading order: JudgeConfig, Judge, caption_accuracy, train_judge, then saving and loading.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from textimg.data import ATTRIBUTES, ShapesDataset, parse_caption, render_shape
+from textimg.utils import (CONFIG_NAME, WEIGHTS_NAME, count_parameters, load_pretrained_state,
+                           save_pretrained_module, update_manifest)
+
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"  # the repository's committed checkpoints
+JUDGE_DIR = CHECKPOINTS / "judge"
+MANIFEST = CHECKPOINTS / "MANIFEST.json"
+
+# -----------------------------------------------------------------------------------------------
+# The judge
+
+
+@dataclass
+class JudgeConfig:
+    channels: tuple[int, ...] = (32, 64, 128, 128)  # widths of the stride-2 convs: 64 -> 32, 16, 8, 4 pixels
+    feature_dim: int = 128  # size of the penultimate features (for FID / diversity)
+    image_size: int = 64  # working size: other sizes are resized to it (bilinear)
+    # training (train_judge)
+    num_train: int = 30_000  # distinct rendered training images (all (color, shape) pairs)
+    num_val: int = 2_000  # validation images
+    steps: int = 2_000  # optimiser steps
+    batch_size: int = 64  # images per step
+    lr: float = 3e-3  # peak learning rate of the one-cycle schedule (AdamW)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    roundtrip_prob: float = 0.5  # fraction of training images made 32x32 and back (fair to 32x32 inputs)
+    noise_std: float = 0.02  # Gaussian pixel noise added in training (robustness to generated images)
+    eval_every: int = 500  # validate every this many steps
+
+    @classmethod
+    def preset(cls, name: str) -> "JudgeConfig":
+        """"default" (the committed judge) or "quick" (a seconds-long run, for tests)."""
+        if name == "default":
+            return cls()
+        if name == "quick":
+            return cls(num_train=512, num_val=128, steps=20, batch_size=32, eval_every=10)
+        raise ValueError(f"unknown judge preset {name!r}: choose 'default' or 'quick'")
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"channels": list(self.channels)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JudgeConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown JudgeConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**{**d, **({"channels": tuple(d["channels"])} if "channels" in d else {})})
+
+
+def resize(images: Tensor, size: int) -> Tensor:
+    """Bilinear resize of (B, 3, H, W) to (B, 3, size, size); a no-op at the right size."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class Judge(nn.Module):
+    """A small CNN that reads the four attributes off an image.
+
+    ``forward(x)`` takes images (B, 3, H, W) in [-1, 1] (64x64 or 32x32; any size is resized to
+    ``cfg.image_size``) and returns a dict attribute -> logits (B, number of values).
+    """
+
+    def __init__(self, cfg: JudgeConfig):
+        super().__init__()
+        self.cfg = cfg
+        c = (3, *cfg.channels)
+        layers = []
+        for i in range(len(cfg.channels)):  # each stage halves the side with a stride-2 conv
+            layers += [nn.Conv2d(c[i], c[i + 1], kernel_size=3, stride=2, padding=1),
+                       nn.BatchNorm2d(c[i + 1]), nn.ReLU()]
+        self.conv = nn.Sequential(*layers)
+        side = cfg.image_size // 2 ** len(cfg.channels)  # 4 for 64x64 and four stages
+        # flatten, not global pooling: *where* the object is (position) must survive
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(c[-1] * side * side, cfg.feature_dim), nn.ReLU())
+        self.heads = nn.ModuleDict({a: nn.Linear(cfg.feature_dim, len(v)) for a, v in ATTRIBUTES.items()})
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate features (B, feature_dim) of images (B, 3, H, W) in [-1, 1]."""
+        return self.fc(self.conv(resize(x, self.cfg.image_size)))  # (B, feature_dim)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        h = self.features(x)  # (B, feature_dim)
+        return {a: head(h) for a, head in self.heads.items()}  # attribute -> (B, n_values)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, batch_size: int = 256) -> Tensor:
+        """The predicted labels (N, 4), columns in ATTRIBUTES order, computed in eval mode."""
+        return _predict(self, images, batch_size)
+
+
+def _predict(judge: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Argmax labels (N, 4) of any module returning attribute -> logits, run in eval mode, batched."""
+    was_training = judge.training
+    judge.eval()
+    try:
+        device = next(judge.parameters(), torch.empty(0)).device
+        preds = []
+        with torch.no_grad():
+            for start in range(0, images.shape[0], batch_size):
+                logits = judge(images[start:start + batch_size].to(device))
+                preds.append(torch.stack([logits[a].argmax(-1) for a in ATTRIBUTES], dim=1).cpu())  # (b, 4)
+        return torch.cat(preds)  # (N, 4)
+    finally:
+        judge.train(was_training)
+
+
+# -----------------------------------------------------------------------------------------------
+# Caption accuracy
+
+
+def labels_of(targets: Sequence[str] | Sequence[dict] | Tensor) -> Tensor:
+    """Captions (parsed with parse_caption), label dicts, or a LongTensor (N, 4) -> LongTensor (N, 4)."""
+    if isinstance(targets, Tensor):
+        if targets.ndim != 2 or targets.shape[1] != len(ATTRIBUTES):
+            raise ValueError(f"labels must have shape (N, {len(ATTRIBUTES)}), got {tuple(targets.shape)}")
+        return targets.long().cpu()
+    rows = [parse_caption(t) if isinstance(t, str) else t for t in targets]
+    return torch.tensor([[row[a] for a in ATTRIBUTES] for row in rows], dtype=torch.long)
+
+
+def caption_accuracy(judge: nn.Module, images: Tensor, targets: Sequence[str] | Sequence[dict] | Tensor,
+                     batch_size: int = 256) -> dict[str, float]:
+    """How often the judge reads, from each image, the attributes its caption asked for.
+
+    Args:
+        judge: a Judge (or any module mapping images to attribute -> logits); run in eval mode.
+        images: (N, 3, H, W) in [-1, 1].
+        targets: N captions in the shapes grammar, N label dicts, or a LongTensor (N, 4).
+        batch_size: images per judge call.
+
+    Returns:
+        {"shape", "color", "size", "position": fraction right, "all": fraction with all four right}.
+    """
+    labels = labels_of(targets)  # (N, 4)
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} captions/labels")
+    right = _predict(judge, images, batch_size) == labels  # (N, 4) bool
+    scores = {a: right[:, i].float().mean().item() for i, a in enumerate(ATTRIBUTES)}
+    scores["all"] = right.all(dim=1).float().mean().item()
+    return scores
+
+
+# -----------------------------------------------------------------------------------------------
+# Training
+
+
+def real_images(num_samples: int, split: str = "train", seed: int = 0, holdout: bool = True,
+                progress: bool = False) -> tuple[Tensor, Tensor]:
+    """Renders shapes as uint8 (N, 3, 64, 64) with labels (N, 4): compact enough for 40k images."""
+    ds = ShapesDataset(num_samples, split=split, seed=seed, holdout=holdout, cache=False)
+    indices = range(num_samples)
+    if progress:
+        from tqdm.auto import tqdm
+        indices = tqdm(indices, desc=f"rendering {split}", unit="img", mininterval=1.0)
+    images = torch.stack([torch.from_numpy(render_shape(ds.spec(i))) for i in indices])  # (N, 3, 64, 64)
+    return images, ds.labels_tensor()
+
+
+def _to_float(images_u8: Tensor) -> Tensor:
+    return images_u8.float() / 127.5 - 1.0  # uint8 -> [-1, 1]
+
+
+def roundtrip_32(x: Tensor) -> Tensor:
+    """64x64 -> 32x32 (area, as the dataset downsamples) -> back to 64x64 (bilinear, as the judge resizes)."""
+    return resize(F.avg_pool2d(x, 2), x.shape[-1])
+
+
+def train_judge(cfg: JudgeConfig | None = None, steps: int | None = None, seed: int = 0,
+                device: str | torch.device | None = None, progress: bool = True) -> tuple[Judge, dict]:
+    """Trains a judge on rendered training images; validates on the val split.
+
+    The training images use ``holdout=False``: every (color, shape) pair, the held-out ones too.
+    The judge is an instrument, not the model under test: it must recognise held-out compositions
+    when it scores a generator on them later.
+
+    Args:
+        cfg: a JudgeConfig (default: the committed judge's).
+        steps: overrides ``cfg.steps``.
+        seed: seeds the weights, batch order and augmentation (the global RNG is not touched).
+        device: where to train (default CPU).
+        progress: tqdm bars.
+
+    Returns:
+        (judge in eval mode on ``device``, history {"step", "loss", "val_all_64", "val_all_32", "seconds"}).
+    """
+    cfg = cfg or JudgeConfig()
+    steps = steps or cfg.steps
+    device = torch.device(device or "cpu")
+    with torch.random.fork_rng(devices=[]):  # the weights come from `seed`; the global RNG is untouched
+        torch.manual_seed(seed)
+        judge = Judge(cfg)
+    judge.to(device).train()
+    x_train, y_train = real_images(cfg.num_train, "train", seed, holdout=False, progress=progress)
+    x_val, y_val = real_images(cfg.num_val, "val", seed, holdout=False)
+    x_val = _to_float(x_val)  # (N_val, 3, 64, 64)
+
+    rng = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(judge.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
+    history = {"step": [], "loss": [], "val_all_64": [], "val_all_32": []}
+    order, pos, start = torch.randperm(cfg.num_train, generator=rng), 0, time.perf_counter()
+    bar = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(bar, desc="training the judge", unit="step")
+    for step in bar:
+        if pos + cfg.batch_size > cfg.num_train:
+            order, pos = torch.randperm(cfg.num_train, generator=rng), 0
+        idx = order[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        x = _to_float(x_train[idx])  # (B, 3, 64, 64)
+        small = torch.rand(x.shape[0], generator=rng) < cfg.roundtrip_prob  # (B,) which to round-trip
+        x = torch.where(small[:, None, None, None], roundtrip_32(x), x)
+        x = x + cfg.noise_std * torch.randn(x.shape, generator=rng)
+        logits = judge(x.to(device))
+        y = y_train[idx].to(device)  # (B, 4)
+        loss = sum(F.cross_entropy(logits[a], y[:, i]) for i, a in enumerate(ATTRIBUTES))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        if step % cfg.eval_every == 0 or step == steps - 1:
+            history["step"].append(step)
+            history["loss"].append(loss.item())
+            history["val_all_64"].append(caption_accuracy(judge, x_val, y_val)["all"])
+            history["val_all_32"].append(caption_accuracy(judge, roundtrip_32(x_val), y_val)["all"])
+            judge.train()
+            if progress:
+                bar.set_postfix(loss=f"{loss.item():.3f}", val64=f"{history['val_all_64'][-1]:.3f}")
+    history["seconds"] = time.perf_counter() - start
+    return judge.eval(), history
+
+
+def evaluate_judge(judge: nn.Module, num_samples: int = 2000, split: str = "test", image_size: int = 64,
+                   seed: int = 0) -> dict[str, float]:
+    """The judge's caption accuracy on ``num_samples`` real images of a split ("test", "heldout", ...)."""
+    ds = ShapesDataset(num_samples, split=split, seed=seed, image_size=image_size, cache=False)
+    images = torch.stack([ds[i]["image"] for i in range(num_samples)])  # (N, 3, size, size)
+    return caption_accuracy(judge, images, ds.labels_tensor())
+
+
+# -----------------------------------------------------------------------------------------------
+# The committed checkpoint
+
+
+def save_judge(judge: Judge, directory: str | Path = JUDGE_DIR, facts: dict | None = None,
+               manifest: str | Path | None = MANIFEST) -> Path:
+    """Writes the judge (model.safetensors + config.json with ``facts``) and records both files'
+    SHA-256 in ``manifest`` (None: no manifest)."""
+    directory = Path(directory)
+    save_pretrained_module(judge, {"model": "Judge", "config": judge.cfg.to_dict(), **(facts or {})}, directory)
+    if manifest is not None:
+        update_manifest(manifest, [directory / WEIGHTS_NAME, directory / CONFIG_NAME])
+    return directory
+
+
+def load_judge(directory: str | Path = JUDGE_DIR, manifest: str | Path | None = MANIFEST) -> Judge:
+    """Loads the committed judge (or one saved by :func:`save_judge`), checking its files' SHA-256.
+
+    Safe: the weights are safetensors, so no pickled code can run. The judge is returned on the
+    CPU, in eval mode, with ``requires_grad`` off (it is an instrument, never trained further).
+
+    Raises:
+        FileNotFoundError, ChecksumError or ValueError naming the missing, changed or corrupted file.
+    """
+    state, config = load_pretrained_state(directory, manifest)
+    judge = Judge(JudgeConfig.from_dict(config["config"]))
+    judge.load_state_dict(state)
+    return judge.eval().requires_grad_(False)
+
+
+def train_and_save_judge(directory: str | Path = JUDGE_DIR, seed: int = 0, device: str | torch.device | None = None,
+                         progress: bool = True) -> dict:
+    """Trains the judge with the default JudgeConfig, measures it, and saves it with the facts.
+
+    This is how ``checkpoints/judge`` was made: ``python -m textimg.metrics``. Returns the facts.
+    """
+    cfg = JudgeConfig()
+    judge, history = train_judge(cfg, seed=seed, device=device, progress=progress)
+    judge.cpu()
+    accuracy = {f"{split}_{size}": evaluate_judge(judge, 2000, split, size)
+                for split in ("test", "heldout") for size in (64, 32)}
+    facts = {
+        "training": {"function": "textimg.metrics.train_and_save_judge", "seed": seed, "steps": cfg.steps,
+                     "seconds": round(history["seconds"], 1), "device": str(device or "cpu"),
+                     "final_loss": round(history["loss"][-1], 5), "val_all_64": history["val_all_64"][-1],
+                     "val_all_32": history["val_all_32"][-1], "torch": torch.__version__,
+                     "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat()},
+        "accuracy": {"note": "caption_accuracy on 2000 real images per split (seed 0), 64x64 and 32x32",
+                     **accuracy},
+        "parameters": count_parameters(judge),
+    }
+    save_judge(judge, directory, facts, Path(directory).parent / MANIFEST.name)
+    return facts
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(train_and_save_judge(), indent=2))
