@@ -72,3 +72,38 @@ def test_nearest_caption(minilm, answer, ok):
     query = "a small red circle in the top left"
     candidates = ["a large blue square in the bottom right", "a tiny red disc in the upper left"]
     assert checks.check_nearest_caption(query, candidates, answer, minilm) is ok
+
+
+def test_upsampled_size():
+    assert checks.check_upsampled_size(32)
+    assert not checks.check_upsampled_size(31)
+    assert not checks.check_upsampled_size(None)
+
+
+def test_masked_attention(capsys):
+    def right(q, k, v, mask):
+        scores = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5
+        return torch.softmax(scores.masked_fill(~mask[:, None, :], float("-inf")), dim=-1) @ v
+
+    def unmasked(q, k, v, mask):
+        return torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1) @ v
+
+    assert checks.check_masked_attention(right)
+    assert not checks.check_masked_attention(unmasked)
+    assert "padding tokens still get weight" in capsys.readouterr().out
+    assert not checks.check_masked_attention(None)
+
+
+def test_mse_minimiser():
+    images = torch.rand(10, 3, 4, 4)
+    assert checks.check_mse_minimiser(images.mean(0), images)
+    assert not checks.check_mse_minimiser(images.median(0).values, images)
+    assert not checks.check_mse_minimiser(images.mean(0)[0], images)
+    assert not checks.check_mse_minimiser(None, images)
+
+
+def test_self_attention_params():
+    c, qk = 64, 8
+    n = 2 * (c * qk + qk) + (c * c + c) + 1
+    assert checks.check_self_attention_params(n, channels=64)
+    assert not checks.check_self_attention_params(n - 1, channels=64)

@@ -38,3 +38,14 @@ def test_cache_dir(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path
     monkeypatch.delenv("TEXTIMG_CACHE")
     assert cache_dir() == Path(__file__).resolve().parent.parent / "data" / "cache"  # a clone
+
+
+def test_models_dir(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from textimg.config import models_dir
+
+    monkeypatch.setenv("TEXTIMG_MODELS", str(tmp_path))
+    assert models_dir() == tmp_path
+    monkeypatch.delenv("TEXTIMG_MODELS")
+    assert models_dir() == Path(__file__).resolve().parent.parent / "runs" / "models"

@@ -69,11 +69,11 @@ def test_runner_reports_a_failing_notebook(tmp_path, monkeypatch, capsys):
 
 def test_relink_rewrites_badges_and_install_lines(tmp_path):
     badge = "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/old/fork/blob/main/notebooks/00_a.ipynb)"
-    _tiny_notebook(tmp_path / "00_a.ipynb", 'URL = "textimg @ git+https://github.com/old/fork"', badge)
+    _tiny_notebook(tmp_path / "00_a.ipynb", 'REPO = "https://github.com/old/fork"', badge)
     assert relink(tmp_path, "https://github.com/me/textimg") == [tmp_path / "00_a.ipynb"]
     text = (tmp_path / "00_a.ipynb").read_text()
     assert "github/me/textimg/blob/main/notebooks/00_a.ipynb" in text
-    assert "git+https://github.com/me/textimg" in text and "old/fork" not in text
+    assert 'REPO = \\"https://github.com/me/textimg\\"' in text and "old/fork" not in text
     assert relink(tmp_path, "https://github.com/me/textimg") == []
 
 
@@ -87,8 +87,9 @@ def test_committed_notebooks_follow_the_conventions(path):
         "the Colab badge must point at textimg.REPO_URL (run textimg-course --relink)"
     assert re.search(r"quick.*cpu.*gpu", head, re.S), "the header states the time per preset"
     setup = "".join(cells[1]["source"])
-    assert "google.colab" in setup and f"git+{textimg.REPO_URL}" in setup
-    assert "torch" not in re.findall(r"pip.*install[^\n]*", setup)[0].replace("textimg", ""), \
+    assert "google.colab" in setup and f'REPO = "{textimg.REPO_URL}"' in setup
+    installs = re.findall(r"pip\", \"install[^\n]*", setup)
+    assert installs and not any("torch" in line.replace("textimg", "") for line in installs), \
         "the Colab install line must never reinstall torch"
     tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, "exactly one cell is tagged 'parameters'"

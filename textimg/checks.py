@@ -142,3 +142,62 @@ def check_nearest_caption(query: str, candidates: list[str], answer: int, encode
     return _report(answer == expected, f"Right: {candidates[expected]!r}.",
                    "Encode the query and the candidates, compare pooled vectors with cosine similarity, "
                    "take the argmax.")
+
+
+# ---- 02_generation ---------------------------------------------------------------------------
+
+def check_upsampled_size(answer: int) -> bool:
+    """Exercise: the output side of ConvTranspose2d(kernel_size=4, stride=2, padding=1) on a 16x16 map."""
+    if _unanswered(answer):
+        return False
+    conv = torch.nn.ConvTranspose2d(1, 1, kernel_size=4, stride=2, padding=1)
+    expected = conv(torch.zeros(1, 1, 16, 16)).shape[-1]
+    return _report(answer == expected, f"Right: {expected}x{expected}.",
+                   "Use out = (in - 1) * stride - 2 * padding + kernel_size.")
+
+
+def check_masked_attention(fn: Callable) -> bool:
+    """Exercise: ``fn(q (B, N, d), k (B, T, d), v (B, T, C), mask (B, T) bool) -> (B, N, C)``,
+    scaled dot-product attention in which padding tokens (mask False) get zero weight."""
+    if _unanswered(fn):
+        return False
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(2, 5, 4, generator=g), torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 6, generator=g)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    scores = (q @ k.transpose(1, 2) / 2.0).masked_fill(~mask[:, None, :], float("-inf"))
+    expected = torch.softmax(scores, dim=-1) @ v
+    try:
+        got = fn(q, k, v, mask)
+    except Exception as err:
+        return _report(False, "", f"your function raised {type(err).__name__}: {err}")
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        return _report(False, "", f"expected a tensor of shape {tuple(expected.shape)}.")
+    unmasked = torch.softmax(q @ k.transpose(1, 2) / 2.0, dim=-1) @ v
+    if torch.allclose(got, unmasked, atol=1e-5):
+        return _report(False, "", "padding tokens still get weight: set their scores to -inf before the softmax.")
+    return _report(torch.allclose(got, expected, atol=1e-5), "Right: padding gets zero weight.",
+                   "softmax(q k^T / sqrt(d)) v over the token axis, with masked scores set to -inf.")
+
+
+def check_mse_minimiser(answer: torch.Tensor, images: torch.Tensor) -> bool:
+    """Exercise: the one image (3, H, W) with the smallest mean squared error to all of ``images`` (N, 3, H, W)."""
+    if _unanswered(answer):
+        return False
+    answer = torch.as_tensor(answer).float()
+    if answer.shape != images.shape[1:]:
+        return _report(False, "", f"expected one image of shape {tuple(images.shape[1:])}.")
+    ok = torch.allclose(answer, images.mean(0), atol=1e-4)
+    return _report(ok, "Right: the per-pixel mean, the blurry average a pixel loss learns.",
+                   "Set the derivative of sum_i (x - x_i)^2 with respect to x to zero.")
+
+
+def check_self_attention_params(answer: int, channels: int = 64) -> bool:
+    """Exercise: the number of parameters of ``textimg.generator.SelfAttention2d(channels)``."""
+    from .generator import SelfAttention2d
+
+    if _unanswered(answer):
+        return False
+    expected = sum(p.numel() for p in SelfAttention2d(channels).parameters())
+    return _report(answer == expected, f"Right: {expected:,} parameters.",
+                   "Count the weights and biases of the three 1x1 convs (query and key have channels // 8 "
+                   "outputs, value has channels), plus the gate gamma.")

@@ -45,6 +45,14 @@ def get_preset(preset: str | None = None) -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
+def _repo_root() -> "Path | None":
+    """The course repository's root when the package runs from a clone, else None."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    return repo if (repo / "pyproject.toml").is_file() and (repo / "data").is_dir() else None
+
+
 def cache_dir() -> "Path":
     """Where rendered caches and text-encoding caches go: $TEXTIMG_CACHE, else ``data/cache`` of the
     course repository when the package runs from a clone, else ``~/.cache/textimg``."""
@@ -52,7 +60,20 @@ def cache_dir() -> "Path":
 
     if os.environ.get("TEXTIMG_CACHE"):
         return Path(os.environ["TEXTIMG_CACHE"]).expanduser()
-    repo = Path(__file__).resolve().parent.parent
-    if (repo / "pyproject.toml").is_file() and (repo / "data").is_dir():
-        return repo / "data" / "cache"
-    return Path.home() / ".cache" / "textimg"
+    repo = _repo_root()
+    return repo / "data" / "cache" if repo else Path.home() / ".cache" / "textimg"
+
+
+def models_dir() -> "Path":
+    """Where the learner's own trained models go (one folder per stage): $TEXTIMG_MODELS, else
+    ``runs/models`` of the course repository (git-ignored), else ``~/.cache/textimg/models``.
+
+    A notebook that needs an earlier stage's model looks here first, then falls back to the
+    committed checkpoint in ``checkpoints/``.
+    """
+    from pathlib import Path
+
+    if os.environ.get("TEXTIMG_MODELS"):
+        return Path(os.environ["TEXTIMG_MODELS"]).expanduser()
+    repo = _repo_root()
+    return repo / "runs" / "models" if repo else Path.home() / ".cache" / "textimg" / "models"

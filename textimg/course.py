@@ -82,7 +82,7 @@ def save_figures(nb, folder: Path, stem: str) -> int:
 
 
 def relink(folder: Path, repo_url: str = REPO_URL) -> list[Path]:
-    """Rewrites every notebook's Colab badge and install line to point at ``repo_url``.
+    """Rewrites every notebook's Colab badge and Colab clone line (``REPO = "..."``) to ``repo_url``.
 
     The repository URL lives in one place, ``textimg.REPO_URL``; after a fork changes it, this
     brings the notebooks in line. Returns the notebooks that changed.
@@ -97,7 +97,7 @@ def relink(folder: Path, repo_url: str = REPO_URL) -> list[Path]:
         for cell in nb.cells:
             cell.source = re.sub(r"colab\.research\.google\.com/github/[^/]+/[^/]+/blob/",
                                  f"colab.research.google.com/github/{slug}/blob/", cell.source)
-            cell.source = re.sub(r"git\+https://github\.com/[^/\s\"']+/[^/\s\"']+", f"git+{repo_url}", cell.source)
+            cell.source = re.sub(r"REPO = \"[^\"]*\"", f'REPO = "{repo_url}"', cell.source)
         if nbformat.writes(nb) != before:
             nbformat.write(nb, path)
             changed.append(path)

@@ -1,0 +1,124 @@
+"""Measures the throughput figures the README and BENCHMARKS.md quote, on this machine.
+
+    python benchmarks/bench_stages.py [--json out.json]
+
+Figures: dataset rendering (images/s, first pass and cached), text encoding with MiniLM (captions/s,
+without and with the cache), and one regression training step of the generator per preset
+(forward + backward + Adam, batch 64). Each figure is the median of several repeats. The machine
+is printed first; quote it with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
+
+
+def median_time(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_data(n: int = 5_000) -> dict:
+    from textimg.data import ShapesDataset
+
+    def first_pass(size):
+        ds = ShapesDataset(n, seed=1, image_size=size)
+        for i in range(n):
+            ds[i]
+        return ds
+
+    out = {f"render {s}x{s}, first pass (images/s)": n / median_time(lambda: first_pass(s)) for s in (64, 32)}
+    ds = first_pass(64)
+    out["64x64 from the cache (images/s)"] = n / median_time(lambda: [ds[i] for i in range(n)])
+    return out
+
+
+def bench_text(n: int = 2_000) -> dict:
+    from textimg.data import ShapesDataset
+    from textimg.text import TextEncoder
+
+    captions = ShapesDataset(n, seed=2).captions()
+    enc = TextEncoder("minilm")
+    uncached = TextEncoder("minilm", cache=False)
+
+    def cold():
+        for i in range(0, n, 256):
+            uncached.encode(captions[i:i + 256])
+
+    def warm():
+        for i in range(0, n, 64):
+            enc.encode(captions[i:i + 64])
+
+    enc.encode_dataset(captions)
+    return {"MiniLM, no cache, batches of 256 (captions/s)": n / median_time(cold, 2),
+            "MiniLM, from the cache, batches of 64 (captions/s)": n / median_time(warm)}
+
+
+def bench_generator_step(batch: int = 64, steps: int = 10) -> dict:
+    from textimg.generator import Generator, GeneratorConfig, regression_loss
+    from textimg.text import TextEncoding
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = {}
+    for preset in ("quick", "cpu", "gpu"):
+        cfg = GeneratorConfig.preset(preset)
+        g = Generator(cfg).to(device)
+        opt = torch.optim.Adam(g.parameters())
+        text = TextEncoding(torch.randn(batch, 12, cfg.text_dim), torch.ones(batch, 12, dtype=torch.bool),
+                            torch.randn(batch, cfg.text_dim)).to(device)
+        x_real = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+
+        def run():
+            for _ in range(steps):
+                loss = regression_loss(g(torch.randn(batch, cfg.z_dim, device=device), text), x_real)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        run()  # warm-up
+        out[f"generator {preset} preset: {g.num_parameters():,} params, ms/step (batch {batch}, {device})"] = \
+            1000 * median_time(run) / steps
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    print(f"machine: {machine()}\n")
+    results = {"machine": machine()}
+    for bench in (bench_data, bench_text, bench_generator_step):
+        for name, value in bench().items():
+            results[name] = round(value, 1)
+            print(f"{name:75s} {value:12,.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
