@@ -44,6 +44,7 @@ def test_checkpoint_round_trip(tmp_path):
     state = {"step": 3, "weights": {"w": torch.arange(6.0).view(2, 3)}, "rng": torch.get_rng_state()}
     path = save_checkpoint(state, tmp_path / "ckpt.pt")
     loaded = load_checkpoint(path)
+    assert path.stat().st_mode & 0o777 == 0o644
     assert loaded["step"] == 3
     assert torch.equal(loaded["weights"]["w"], state["weights"]["w"])
     assert torch.equal(loaded["rng"], state["rng"])

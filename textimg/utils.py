@@ -68,6 +68,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(tmp_path)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o644)  # mkstemp makes it private (0600); a saved file is an ordinary one
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
