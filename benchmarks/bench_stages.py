@@ -4,7 +4,8 @@
 
 Figures: dataset rendering (images/s, first pass and cached), text encoding with MiniLM (captions/s,
 without and with the cache), and one regression training step of the generator per preset
-(forward + backward + Adam, batch 64). Each figure is the median of several repeats. The machine
+(forward + backward + Adam, batch 64), and one training step of the stage-3 VQ-VAE and refiner per
+preset (batch 32, the package's own `train_vqvae` loop). Each figure is the median of several repeats. The machine
 is printed first; quote it with the numbers.
 """
 
@@ -105,13 +106,31 @@ def bench_generator_step(batch: int = 64, steps: int = 10) -> dict:
     return out
 
 
+def bench_vqvae_step(batch: int = 32, steps: int = 10) -> dict:
+    from textimg.vqvae import VQVAE, Refiner, RefinerConfig, VQVAEConfig, train_refiner, train_vqvae
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x_real = torch.rand(batch, 3, 64, 64) * 2 - 1  # one batch: the step, not the data path
+    out = {}
+    for preset in ("quick", "cpu", "gpu"):
+        for name, model, train in (("VQ-VAE", VQVAE(VQVAEConfig.preset(preset)), train_vqvae),
+                                   ("refiner", Refiner(RefinerConfig.preset(preset, text_cond=False)), train_refiner)):
+            model.to(device)
+            train(model, x_real, steps=2, batch_size=batch, progress=False)  # warm-up
+            seconds = statistics.median(train(model, x_real, steps=steps, batch_size=batch, progress=False,
+                                              log_every=steps)["seconds"] for _ in range(3))
+            out[f"{name} {preset} preset: {model.num_parameters():,} params, ms/step (batch {batch}, {device})"] = \
+                1000 * seconds / steps
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     print(f"machine: {machine()}\n")
     results = {"machine": machine()}
-    for bench in (bench_data, bench_text, bench_generator_step):
+    for bench in (bench_data, bench_text, bench_generator_step, bench_vqvae_step):
         for name, value in bench().items():
             results[name] = round(value, 1)
             print(f"{name:75s} {value:12,.1f}")

@@ -107,3 +107,63 @@ def test_self_attention_params():
     n = 2 * (c * qk + qk) + (c * c + c) + 1
     assert checks.check_self_attention_params(n, channels=64)
     assert not checks.check_self_attention_params(n - 1, channels=64)
+
+
+def test_nearest_code(capsys):
+    assert checks.check_nearest_code(lambda z, c: torch.cdist(z, c).argmin(1))
+    assert not checks.check_nearest_code(lambda z, c: (z @ c.T).argmax(1))
+    assert "largest dot product" in capsys.readouterr().out
+    assert not checks.check_nearest_code(None)
+
+
+def test_perplexity():
+    def right(indices, k):
+        p = torch.bincount(indices.flatten(), minlength=k).float()
+        p = p[p > 0] / p.sum()
+        return torch.exp(-(p * p.log()).sum()).item()
+
+    assert checks.check_perplexity(right)
+    assert not checks.check_perplexity(lambda i, k: float(len(torch.unique(i))))  # counts codes used
+    assert not checks.check_perplexity(None)
+
+
+def test_latent_bits():
+    assert checks.check_latent_bits(16 * 16 * 8)
+    assert not checks.check_latent_bits(16 * 16)
+    assert not checks.check_latent_bits(None)
+
+
+def test_d_loss(capsys):
+    import torch.nn.functional as F
+
+    assert checks.check_d_loss(lambda r, f: F.softplus(-r).mean() + F.softplus(f).mean())
+    naive = lambda r, f: -(torch.sigmoid(r).log().mean() + (1 - torch.sigmoid(f)).log().mean())  # noqa: E731
+    assert not checks.check_d_loss(naive)  # inf at logit -30 in float32
+    assert "from logits" in capsys.readouterr().out
+    assert not checks.check_d_loss(lambda r, f: F.softplus(-r).mean() - F.softplus(f).mean())
+    assert not checks.check_d_loss(None)
+
+
+def test_g_loss_nonsaturating(capsys):
+    import torch.nn.functional as F
+
+    assert checks.check_g_loss_nonsaturating(lambda f: F.softplus(-f).mean())
+    assert not checks.check_g_loss_nonsaturating(lambda f: -F.softplus(f).mean())  # the saturating one
+    assert "saturating" in capsys.readouterr().out
+    assert not checks.check_g_loss_nonsaturating(None)
+
+
+def test_mismatch(capsys):
+    def right(captions):
+        return [next(c for c in captions if c != own) for own in captions]
+
+    assert checks.check_mismatch(right)
+    assert not checks.check_mismatch(lambda caps: caps[1:] + caps[:1])  # a roll can hit a repeat
+    assert "never equal" in capsys.readouterr().out
+    assert not checks.check_mismatch(None)
+
+
+def test_optimal_d():
+    assert checks.check_optimal_d(0.75)
+    assert not checks.check_optimal_d(0.5)
+    assert not checks.check_optimal_d(None)

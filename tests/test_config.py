@@ -48,4 +48,7 @@ def test_models_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("TEXTIMG_MODELS", str(tmp_path))
     assert models_dir() == tmp_path
     monkeypatch.delenv("TEXTIMG_MODELS")
+    monkeypatch.setenv("TEXTIMG_PRESET", "cpu")
     assert models_dir() == Path(__file__).resolve().parent.parent / "runs" / "models"
+    monkeypatch.setenv("TEXTIMG_PRESET", "quick")  # quick runs never replace a learner's cpu/gpu models
+    assert models_dir() == Path(__file__).resolve().parent.parent / "runs" / "models" / "quick"

@@ -201,3 +201,139 @@ def check_self_attention_params(answer: int, channels: int = 64) -> bool:
     return _report(answer == expected, f"Right: {expected:,} parameters.",
                    "Count the weights and biases of the three 1x1 convs (query and key have channels // 8 "
                    "outputs, value has channels), plus the gate gamma.")
+
+
+# ---- 03_vqvae_refinement ---------------------------------------------------------------------
+
+def check_nearest_code(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
+    """Exercise: ``fn(z (N, D), codebook (K, D)) -> indices (N,)`` of the nearest code (squared L2)."""
+    if _unanswered(fn):
+        return False
+    g = torch.Generator().manual_seed(3)
+    z, codebook = torch.randn(50, 4, generator=g), torch.randn(10, 4, generator=g) * 2
+    expected = torch.cdist(z, codebook).argmin(dim=1)
+    try:
+        got = fn(z, codebook)
+    except Exception as err:
+        return _report(False, "", f"your function raised {type(err).__name__}: {err}")
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        return _report(False, "", "expected a tensor of shape (N,): one code index per vector.")
+    if torch.equal(got.long(), (z @ codebook.T).argmax(dim=1)) and not torch.equal(got.long(), expected):
+        return _report(False, "", "that is the largest dot product, not the smallest distance: "
+                       "||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, and ||e||^2 differs between codes.")
+    return _report(torch.equal(got.long(), expected), "Right: the nearest code for every vector.",
+                   "For each vector, compute the squared distance to every code and take the argmin.")
+
+
+def check_perplexity(fn: Callable[[torch.Tensor, int], float]) -> bool:
+    """Exercise: ``fn(indices (any shape), K) -> float``, exp(entropy) of the code histogram."""
+    from .metrics import codebook_perplexity
+
+    if _unanswered(fn):
+        return False
+    cases = [(torch.zeros(100, dtype=torch.long), 8), (torch.arange(8).repeat(5), 8),
+             (torch.tensor([0, 0, 0, 1, 2, 2]), 4)]
+    try:
+        got = [float(fn(idx, k)) for idx, k in cases]
+    except Exception as err:
+        return _report(False, "", f"your function raised {type(err).__name__}: {err}")
+    expected = [codebook_perplexity(idx, k) for idx, k in cases]
+    ok = all(abs(a - b) < 1e-4 for a, b in zip(got, expected))
+    return _report(ok, "Right: 1 for one code, K for uniform use, in between otherwise.",
+                   f"got {[round(x, 3) for x in got]} for (one code, uniform over 8, a skewed case); "
+                   "use p = counts / total and exp(-sum p log p), skipping p = 0.")
+
+
+def check_latent_bits(answer: int, num_codes: int = 256, latent_side: int = 16) -> bool:
+    """Exercise: how many bits does one image's grid of code indices take (latent_side^2 codes of K)?"""
+    import math
+
+    if _unanswered(answer):
+        return False
+    expected = latent_side * latent_side * math.ceil(math.log2(num_codes))
+    return _report(answer == expected, f"Right: {expected:,} bits, against 64*64*3*8 = 98,304 for the pixels.",
+                   "Each position of the latent grid stores one index among K codes: log2(K) bits.")
+
+
+# ---- 04_adversarial_training -----------------------------------------------------------------
+
+def _loss_cases() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(4)
+    return [torch.zeros(4), torch.tensor([30.0, -30.0, 2.0, -2.0]), torch.randn(64, generator=g) * 5]
+
+
+def check_d_loss(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
+    """Exercise: the source document's L_D = -E[log D(x)] - E[log(1 - D(G(z)))], from logits
+    ``fn(real_logits (B,), fake_logits (B,)) -> scalar``, finite for any logits."""
+    from .gan import d_loss_bce
+
+    if _unanswered(fn):
+        return False
+    for real in _loss_cases():
+        fake = -real.flip(0) + 1.0
+        try:
+            got = torch.as_tensor(fn(real, fake)).float()
+        except Exception as err:
+            return _report(False, "", f"your function raised {type(err).__name__}: {err}")
+        expected = d_loss_bce(real, fake)
+        if got.numel() != 1 or not torch.isfinite(got).all():
+            return _report(False, "", f"for logits {real.tolist()[:4]} your loss is {got.tolist()}: one finite number "
+                           "expected. Work from logits (softplus, or BCE-with-logits), not sigmoid then log.")
+        if abs(got.item() - expected.item()) > 1e-4 * max(1.0, abs(expected.item())):
+            return _report(False, "", "with D(x) = sigmoid(logit): -log sigmoid(l) = softplus(-l) and "
+                           "-log(1 - sigmoid(l)) = softplus(l). Average each over the batch, then add.")
+    return _report(True, "Right, and stable for large logits.", "")
+
+
+def check_g_loss_nonsaturating(fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Exercise: the non-saturating L_G = -E[log D(G(z))] from logits, ``fn(fake_logits (B,)) -> scalar``."""
+    from .gan import g_loss_nonsaturating, g_loss_saturating
+
+    if _unanswered(fn):
+        return False
+    for fake in _loss_cases():
+        try:
+            got = torch.as_tensor(fn(fake)).float()
+        except Exception as err:
+            return _report(False, "", f"your function raised {type(err).__name__}: {err}")
+        if got.numel() != 1 or not torch.isfinite(got).all():
+            return _report(False, "", "one finite number expected, for any logits: work from logits.")
+        if abs(got.item() - g_loss_saturating(fake).item()) < 1e-6 < abs(got.item() - g_loss_nonsaturating(fake).item()):
+            return _report(False, "", "that is the saturating E[log(1 - D(G(z)))]: G should *maximise* log D(G(z)).")
+        if abs(got.item() - g_loss_nonsaturating(fake).item()) > 1e-4 * max(1.0, abs(got.item())):
+            return _report(False, "", "-log sigmoid(l) = softplus(-l), averaged over the batch.")
+    return _report(True, "Right: large while D rejects the fakes, so G's gradient does not vanish.", "")
+
+
+def check_mismatch(fn: Callable[[list], list]) -> bool:
+    """Exercise: ``fn(captions: list[str]) -> list[str]``, for each caption another caption of the
+    batch that differs from it (GAN-CLS's "real image, wrong text")."""
+    if _unanswered(fn):
+        return False
+    import random
+
+    rnd = random.Random(0)
+    words = ["a red circle", "a blue square", "a green star", "a red circle", "a red circle"]
+    for trial in range(50):
+        batch = [rnd.choice(words) for _ in range(rnd.randint(2, 8))]
+        if len(set(batch)) < 2:
+            continue
+        try:
+            got = list(fn(list(batch)))
+        except Exception as err:
+            return _report(False, "", f"your function raised {type(err).__name__}: {err}")
+        if len(got) != len(batch) or any(w not in batch for w in got):
+            return _report(False, "", "return one caption per input, each taken from the batch.")
+        if any(w == c for w, c in zip(got, batch)):
+            return _report(False, "", f"for the batch {batch} you returned {got}: a mismatch must never equal "
+                           "the true caption, and a batch can repeat a caption (a shuffle is not enough).")
+    return _report(True, "Right: never the true caption, even with repeats in the batch.", "")
+
+
+def check_optimal_d(answer: float, p_data: float = 0.3, p_g: float = 0.1) -> bool:
+    """Exercise: the optimal discriminator's D*(x) where p_data(x) and p_g(x) are given."""
+    if _unanswered(answer):
+        return False
+    expected = p_data / (p_data + p_g)
+    return _report(abs(float(answer) - expected) < 1e-3, f"Right: D*(x) = {expected:.2f}.",
+                   "Maximise p_data log D + p_g log(1 - D) over D pointwise: set the derivative to zero.")

@@ -68,12 +68,46 @@ def models_dir() -> "Path":
     """Where the learner's own trained models go (one folder per stage): $TEXTIMG_MODELS, else
     ``runs/models`` of the course repository (git-ignored), else ``~/.cache/textimg/models``.
 
-    A notebook that needs an earlier stage's model looks here first, then falls back to the
-    committed checkpoint in ``checkpoints/``.
+    In the ``quick`` preset the default is the ``quick/`` folder inside it: a quick run (the tests,
+    CI, an autograder) trains throwaway models and must never replace one a learner trained with
+    ``cpu`` or ``gpu``. A notebook that needs an earlier stage's model looks here first, then falls
+    back to the committed checkpoint in ``checkpoints/``.
     """
     from pathlib import Path
 
     if os.environ.get("TEXTIMG_MODELS"):
         return Path(os.environ["TEXTIMG_MODELS"]).expanduser()
     repo = _repo_root()
-    return repo / "runs" / "models" if repo else Path.home() / ".cache" / "textimg" / "models"
+    base = repo / "runs" / "models" if repo else Path.home() / ".cache" / "textimg" / "models"
+    return base / "quick" if get_preset() == "quick" else base
+
+
+class PresetConfig:
+    """``preset`` / ``to_dict`` / ``from_dict`` for the package's dataclass configs.
+
+    A subclass is a ``@dataclass`` whose class attribute ``SIZES`` (no annotation, so not a field)
+    maps each preset name to its field overrides.
+    """
+
+    SIZES: dict = {}
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        """The config of a preset ("quick", "cpu" or "gpu"), with any field overridden by keyword."""
+        return cls.from_dict({**cls.SIZES[check_preset(name)], **overrides})
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Builds a config from a dict (e.g. a checkpoint's config.json); unknown keys are an error."""
+        from dataclasses import fields
+
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)

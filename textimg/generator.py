@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from textimg.config import PresetConfig
 from textimg.text import TextEncoding
 
 # -----------------------------------------------------------------------------------------------
@@ -51,7 +52,7 @@ from textimg.text import TextEncoding
 
 
 @dataclass
-class GeneratorConfig:
+class GeneratorConfig(PresetConfig):
     z_dim: int = 32  # size of the noise vector z
     text_dim: int = 384  # size of the text encoder's vectors (384 MiniLM, 768 BERT-base, 32 tiny-bert)
     channels: int = 32  # base width: 4x4 and 8x8 maps have 4x this, 16x16 2x, 32x32 1x
@@ -64,29 +65,11 @@ class GeneratorConfig:
     transposed: bool = False  # upsample with 4x4 stride-2 transposed convs instead of upsample + conv
     image_size: int = 32  # output side; 4x4 doubled three times (the only size supported)
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "GeneratorConfig":
-        """The config of a preset ("quick", "cpu" or "gpu"), with any field overridden by keyword."""
-        from textimg.config import check_preset
-
-        sizes = {
-            "quick": dict(z_dim=16, channels=8, cond_dim=16, attn_dim=16),  # ~30k params, seconds on CPU
-            "cpu": dict(z_dim=32, channels=32, cond_dim=64, attn_dim=64),  # ~1M params, minutes on 2 cores
-            "gpu": dict(z_dim=64, channels=64, cond_dim=128, attn_dim=128),  # ~4M params
-        }[check_preset(name)]
-        return cls.from_dict({**sizes, **overrides})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GeneratorConfig":
-        """Builds a config from a dict (e.g. a checkpoint's config.json); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown GeneratorConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+    SIZES = {  # not a field (no annotation): the model sizes of each preset
+        "quick": dict(z_dim=16, channels=8, cond_dim=16, attn_dim=16),  # ~30k params, seconds on CPU
+        "cpu": dict(z_dim=32, channels=32, cond_dim=64, attn_dim=64),  # ~1M params, minutes on 2 cores
+        "gpu": dict(z_dim=64, channels=64, cond_dim=128, attn_dim=128),  # ~4M params
+    }
 
     def __post_init__(self):
         if self.image_size != 32:

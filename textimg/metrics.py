@@ -326,6 +326,98 @@ def train_and_save_judge(directory: str | Path = JUDGE_DIR, seed: int = 0, devic
     return facts
 
 
+# -----------------------------------------------------------------------------------------------
+# Image quality (PSNR, SSIM) and codebook statistics (notebooks 03 and 05)
+
+
+def _unit(x: Tensor) -> Tensor:
+    return ((x.float() + 1) / 2).clamp(0, 1)  # [-1, 1] -> [0, 1]
+
+
+def psnr(x: Tensor, y: Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images x against references y, both (B, 3, H, W) in [-1, 1].
+
+    Computed on [0, 1] images (data_range=1) with torchmetrics, per image, then averaged over the
+    batch (so batches of different sizes average correctly, weighted by size). Identical images
+    give inf.
+    """
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    return peak_signal_noise_ratio(_unit(x), _unit(y), data_range=1.0, dim=(1, 2, 3)).item()
+
+
+def ssim(x: Tensor, y: Tensor) -> float:
+    """Structural similarity (Wang et al. 2004) of images x against references y, both (B, 3, H, W) in
+    [-1, 1]: torchmetrics' SSIM (11x11 Gaussian window, sigma 1.5) on [0, 1] images, data_range=1,
+    averaged over pixels and images. 1 for identical images."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return structural_similarity_index_measure(_unit(x), _unit(y), data_range=1.0).item()
+
+
+def codebook_usage(indices: Tensor, num_codes: int) -> float:
+    """Fraction of the ``num_codes`` codes that occur at least once in ``indices`` (any shape)."""
+    return (torch.bincount(indices.flatten().cpu(), minlength=num_codes) > 0).float().mean().item()
+
+
+def codebook_perplexity(indices: Tensor, num_codes: int) -> float:
+    """exp(entropy) of the code histogram of ``indices`` (any shape): 1 if a single code is used,
+    ``num_codes`` if all are used equally often; the "effective number of codes"."""
+    p = torch.bincount(indices.flatten().cpu(), minlength=num_codes).double()
+    p = p / p.sum()
+    return torch.exp(torch.special.entr(p).sum()).item()
+
+
+# -----------------------------------------------------------------------------------------------
+# Diversity and sharpness of generated images (notebooks 04 and 05)
+
+
+@torch.no_grad()
+def judge_features(judge: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """The judge's penultimate features (:meth:`Judge.features`) of images (N, 3, H, W) in [-1, 1].
+
+    Computed in eval mode (BatchNorm uses its running statistics, so an image's features do not
+    depend on its batch), in batches on the judge's device. Returns float (N, feature_dim) on the CPU.
+    """
+    was_training = judge.training
+    judge.eval()
+    try:
+        device = next(judge.parameters()).device
+        out = [judge.features(images[s:s + batch_size].to(device)).float().cpu()
+               for s in range(0, images.shape[0], batch_size)]
+        return torch.cat(out)  # (N, feature_dim)
+    finally:
+        judge.train(was_training)
+
+
+def diversity(judge: nn.Module, images: Tensor) -> float:
+    """Mean pairwise L2 distance between the judge features of images generated for ONE prompt with
+    different noise, (N, 3, H, W) in [-1, 1], N >= 2. A generator that ignores its noise (mode
+    collapse) scores ~0; compare with the same score on real images of that caption
+    (``data.sample_images``), which vary only by the dataset's jitter."""
+    if images.shape[0] < 2:
+        raise ValueError(f"diversity needs at least 2 images, got {images.shape[0]}")
+    feats = judge_features(judge, images).double()  # (N, F)
+    dist = torch.cdist(feats, feats)  # (N, N), zero diagonal
+    n = feats.shape[0]
+    return (dist.sum() / (n * (n - 1))).item()  # mean over the ordered pairs i != j
+
+
+def sharpness(images: Tensor) -> float:
+    """Mean variance of the Laplacian (a blur detector, Pech-Pacheco et al. 2000), of images
+    (N, 3, H, W) in [-1, 1].
+
+    Each image is mapped to [0, 1] and to grey (the channel mean), filtered with the 3x3 Laplacian
+    [[0, 1, 0], [1, -4, 1], [0, 1, 0]] (no padding), and the variance of the response is taken;
+    the result is the mean over images. Blur lowers it, crisp edges raise it; noise raises it
+    too, so read it next to a fidelity measure.
+    """
+    grey = _unit(images).mean(dim=1, keepdim=True).double()  # (N, 1, H, W) in [0, 1]
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=grey.dtype)
+    response = F.conv2d(grey, kernel.view(1, 1, 3, 3).to(grey.device))  # (N, 1, H-2, W-2)
+    return response.flatten(1).var(dim=1).mean().item()
+
+
 if __name__ == "__main__":
     import json
 
