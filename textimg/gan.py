@@ -62,9 +62,9 @@ from textimg.config import PresetConfig
 from textimg.generator import Generator
 from textimg.metrics import CHECKPOINTS, MANIFEST
 from textimg.text import TextEncoding
-from textimg.utils import (CONFIG_NAME, WEIGHTS_NAME, count_parameters, load_checkpoint, load_pretrained_state,
-                           save_checkpoint, save_pretrained_module, update_manifest)
-from textimg.vqvae import Refiner, refine
+from textimg.utils import (count_parameters, load_checkpoint, load_pretrained_state, save_checkpoint,
+                           save_pretrained_module)
+from textimg.vqvae import Refiner, refine, refiner_inputs
 
 CHECKPOINT_NAME = "gan_training.pt"  # the one training-state file train_gan keeps in checkpoint_dir
 CHECKPOINT_FORMAT = "textimg.gan_training/1"
@@ -911,8 +911,7 @@ def finetune_refiner(refiner: Refiner, patch_discriminator: nn.Module, dataset, 
         {"step", "recon", "vq_loss", "r_adv", "adv_weight", "perplexity", "d_loss", "d_real", "d_fake":
         lists; "seconds": float}.
     """
-    with_text = refiner.cfg.text_cond
-    if with_text and encoder is None:
+    if refiner.cfg.text_cond and encoder is None:
         raise ValueError("this Refiner is text-conditioned (cfg.text_cond): pass encoder=TextEncoder(...)")
     device = torch.device(device) if device is not None else next(refiner.parameters()).device
     refiner.to(device).train()
@@ -934,12 +933,7 @@ def finetune_refiner(refiner: Refiner, patch_discriminator: nn.Module, dataset, 
     for step in bar:
         x_real, captions, _ = _fetch(dataset, batches.next())
         x_real = x_real.to(device)  # (B, 3, 64, 64)
-        x_low = F.avg_pool2d(x_real, refiner.cfg.image_size // refiner.cfg.low_size)  # (B, 3, 32, 32)
-        text = None
-        if with_text:
-            text = encoder.encode(captions).to(device)
-            keep = (torch.rand(len(captions), generator=rng) >= text_dropout).float().to(device)  # (B,)
-            text = TextEncoding(text.tokens, text.mask, text.pooled * keep[:, None])
+        x_low, text = refiner_inputs(refiner, x_real, captions, encoder, rng, text_dropout)  # (B, 3, 32, 32), text
         x_fake = refine(refiner, x_low, text)  # (B, 3, 64, 64), eval mode, no graph
         d_stats = d_step(patch_discriminator, d_opt, x_real, x_fake, loss=d_loss, r1_gamma=r1_gamma,
                          augment=augment, rng=rng, scaler=scaler, amp_dtype=amp_dtype, step=step)
@@ -1005,12 +999,8 @@ def save_generator(generator: Generator, directory: str | Path = GENERATOR_DIR, 
                    manifest: str | Path | None = MANIFEST) -> Path:
     """Writes a generator (model.safetensors + config.json with ``facts``) and records both files'
     SHA-256 in ``manifest`` (None: no manifest)."""
-    directory = Path(directory)
-    save_pretrained_module(generator, {"model": "Generator", "generator": generator.cfg.to_dict(), **(facts or {})},
-                           directory)
-    if manifest is not None:
-        update_manifest(manifest, [directory / WEIGHTS_NAME, directory / CONFIG_NAME])
-    return directory
+    return save_pretrained_module(generator, {"model": "Generator", "generator": generator.cfg.to_dict(),
+                                              **(facts or {})}, directory, manifest)
 
 
 def load_generator(directory: str | Path = GENERATOR_DIR, manifest: str | Path | None = MANIFEST) -> Generator:

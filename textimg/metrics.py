@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from textimg.data import ATTRIBUTES, ShapesDataset, parse_caption, render_shape
-from textimg.utils import (CONFIG_NAME, WEIGHTS_NAME, count_parameters, load_pretrained_state,
-                           save_pretrained_module, update_manifest)
+from textimg.utils import count_parameters, load_pretrained_state, save_pretrained_module
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"  # the repository's committed checkpoints
 JUDGE_DIR = CHECKPOINTS / "judge"
@@ -279,11 +278,8 @@ def save_judge(judge: Judge, directory: str | Path = JUDGE_DIR, facts: dict | No
                manifest: str | Path | None = MANIFEST) -> Path:
     """Writes the judge (model.safetensors + config.json with ``facts``) and records both files'
     SHA-256 in ``manifest`` (None: no manifest)."""
-    directory = Path(directory)
-    save_pretrained_module(judge, {"model": "Judge", "config": judge.cfg.to_dict(), **(facts or {})}, directory)
-    if manifest is not None:
-        update_manifest(manifest, [directory / WEIGHTS_NAME, directory / CONFIG_NAME])
-    return directory
+    return save_pretrained_module(judge, {"model": "Judge", "config": judge.cfg.to_dict(), **(facts or {})},
+                                  directory, manifest)
 
 
 def load_judge(directory: str | Path = JUDGE_DIR, manifest: str | Path | None = MANIFEST) -> Judge:

@@ -115,8 +115,10 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def save_pretrained_module(module: torch.nn.Module, config: dict, directory: str | Path) -> Path:
-    """Writes ``directory/model.safetensors`` (the state dict) and ``directory/config.json``, each atomically.
+def save_pretrained_module(module: torch.nn.Module, config: dict, directory: str | Path,
+                           manifest: str | Path | None = None) -> Path:
+    """Writes ``directory/model.safetensors`` (the state dict) and ``directory/config.json``, each atomically,
+    and records both files' SHA-256 in ``manifest`` if one is given (:func:`update_manifest`).
 
     Safetensors holds tensors only, so loading it never runs code (unlike a pickle).
 
@@ -130,6 +132,8 @@ def save_pretrained_module(module: torch.nn.Module, config: dict, directory: str
     state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     save_json(config, directory / CONFIG_NAME)
+    if manifest is not None:
+        update_manifest(manifest, [directory / WEIGHTS_NAME, directory / CONFIG_NAME])
     return directory
 
 

@@ -51,8 +51,7 @@ from torch import Tensor
 from textimg.config import PresetConfig
 from textimg.metrics import CHECKPOINTS, MANIFEST, codebook_perplexity, codebook_usage, psnr, ssim
 from textimg.text import TextEncoding
-from textimg.utils import (CONFIG_NAME, WEIGHTS_NAME, count_parameters, load_pretrained_state,
-                           save_pretrained_module, update_manifest)
+from textimg.utils import count_parameters, load_pretrained_state, save_pretrained_module
 
 REFINER_DIR = CHECKPOINTS / "refiner"
 
@@ -404,6 +403,20 @@ class Refiner(VQVAE):
 # Training
 
 
+def refiner_inputs(refiner: "Refiner", x_real: Tensor, captions: list[str] | None, encoder=None,
+                   rng: torch.Generator | None = None, text_dropout: float = 0.0) -> tuple[Tensor, TextEncoding | None]:
+    """A refiner's training inputs for real images (B, 3, 64, 64): the area-downsampled images
+    (B, 3, 32, 32) and, for a text-conditioned refiner, the captions' encoding with a fraction
+    ``text_dropout`` of them replaced by the null caption (pooled vector zeroed, drawn from ``rng``),
+    so the refiner also learns to work without text. None for the text otherwise."""
+    x_low = F.avg_pool2d(x_real, refiner.cfg.image_size // refiner.cfg.low_size)  # (B, 3, 32, 32)
+    if not refiner.cfg.text_cond:
+        return x_low, None
+    text = encoder.encode(captions).to(x_real.device)
+    keep = (torch.rand(len(captions), generator=rng) >= text_dropout).float().to(x_real.device)  # (B,)
+    return x_low, TextEncoding(text.tokens, text.mask, text.pooled * keep[:, None])
+
+
 def _batch(data, idx: Tensor) -> tuple[Tensor, list[str] | None]:
     """Images (B, 3, S, S) and captions (None for a tensor) of the items ``idx`` of a dataset or a tensor."""
     if isinstance(data, Tensor):
@@ -479,12 +492,7 @@ def train_vqvae(model: VQVAE, data, steps: int = 1000, batch_size: int = 32, lr:
         pos += batch_size
         x_real = x_real.to(device)
         if is_refiner:
-            x_low = F.avg_pool2d(x_real, model.cfg.image_size // model.cfg.low_size)  # (B, 3, 32, 32)
-            text = None
-            if with_text:
-                text = encoder.encode(captions).to(device)
-                keep = (torch.rand(len(captions), generator=rng) >= text_dropout).float().to(device)  # (B,)
-                text = TextEncoding(text.tokens, text.mask, text.pooled * keep[:, None])
+            x_low, text = refiner_inputs(model, x_real, captions, encoder, rng, text_dropout)
             x_rec, vq = model(x_low, text, rng=rng)
         else:
             x_rec, vq = model(x_real, rng=rng)
@@ -577,11 +585,8 @@ def save_refiner(refiner: Refiner, directory: str | Path = REFINER_DIR, facts: d
                  manifest: str | Path | None = MANIFEST) -> Path:
     """Writes the refiner (model.safetensors + config.json with ``facts``) and records both files'
     SHA-256 in ``manifest`` (None: no manifest)."""
-    directory = Path(directory)
-    save_pretrained_module(refiner, {"model": "Refiner", "config": refiner.cfg.to_dict(), **(facts or {})}, directory)
-    if manifest is not None:
-        update_manifest(manifest, [directory / WEIGHTS_NAME, directory / CONFIG_NAME])
-    return directory
+    return save_pretrained_module(refiner, {"model": "Refiner", "config": refiner.cfg.to_dict(), **(facts or {})},
+                                  directory, manifest)
 
 
 def load_refiner(directory: str | Path = REFINER_DIR, manifest: str | Path | None = MANIFEST) -> Refiner:
