@@ -107,3 +107,77 @@ def test_a_tampered_judge_is_refused(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ChecksumError, match=r"judge/model\.safetensors does not match"):
         load_judge(tmp_path / "judge", tmp_path / "MANIFEST.json")
+
+
+# -----------------------------------------------------------------------------------------------
+# The Fréchet distance in the judge's feature space (notebook 05)
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return load_judge()
+
+
+class _MeanColourJudge(torch.nn.Module):
+    """A stand-in judge whose 'features' are each image's mean colour: 3-d, easy to reason about."""
+
+    class cfg:
+        feature_dim = 3
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # judge_features reads the device from a parameter
+
+    def features(self, x):
+        return x.mean(dim=(2, 3))  # (N, 3)
+
+
+def _frechet_by_hand(a, b):
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), with symmetric square roots."""
+    def sqrt_psd(m):
+        vals, vecs = torch.linalg.eigh(m)
+        return vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
+
+    a, b = a.double(), b.double()
+    sa, sb = torch.cov(a.T), torch.cov(b.T)
+    root = sqrt_psd(sa)
+    return ((a.mean(0) - b.mean(0)).square().sum() + (sa + sb - 2 * sqrt_psd(root @ sb @ root)).trace()).item()
+
+
+def test_judge_fid_matches_the_formula_and_is_zero_for_identical_sets():
+    from textimg.metrics import judge_fid
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(200, 3, 8, 8, generator=g) * 2 - 1
+    b = (torch.rand(300, 3, 8, 8, generator=g) * 2 - 1) * 0.5 + 0.2
+    judge = _MeanColourJudge()
+    feats = lambda x: x.mean(dim=(2, 3))  # noqa: E731
+    assert judge_fid(judge, a, a) == pytest.approx(0.0, abs=1e-6)
+    assert judge_fid(judge, b, a) == pytest.approx(_frechet_by_hand(feats(b), feats(a)), rel=1e-4)
+    assert judge_fid(judge, b, a) > 0.01
+
+
+def test_judge_fid_floor_is_small_and_a_constant_generator_is_far(judge):
+    from textimg.metrics import judge_fid, judge_fid_floor
+
+    floor = judge_fid_floor(judge, num_samples=300)
+    real = torch.stack([ShapesDataset(300, split="test", seed=5)[i]["image"] for i in range(300)])
+    constant = real[:1].expand(300, -1, -1, -1)  # one image, repeated: no variety at all
+    assert 0 < floor < judge_fid(judge, constant, real) / 10
+
+
+def test_judge_fid_rejects_bad_input():
+    from textimg.metrics import judge_fid
+
+    judge = _MeanColourJudge()
+    with pytest.raises(ValueError, match="at least 2 images"):
+        judge_fid(judge, torch.zeros(1, 3, 8, 8), torch.zeros(5, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"reference must be a float tensor \(N, 3, H, W\)"):
+        judge_fid(judge, torch.zeros(5, 3, 8, 8), torch.zeros(5, 8, 8))
+
+
+def test_a_constant_generator_has_zero_diversity(judge):
+    from textimg.metrics import diversity
+
+    image = torch.stack([ShapesDataset(1, split="test")[0]["image"]])
+    assert diversity(judge, image.expand(8, -1, -1, -1)) == pytest.approx(0.0, abs=1e-6)

@@ -200,8 +200,6 @@ def load_pretrained_state(directory: str | Path, manifest: str | Path | None = N
         FileNotFoundError: a file is missing; ChecksumError: a hash differs from the manifest's;
         ValueError: a file cannot be read. Every message names the file.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     weights, config_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
     for path in (weights, config_path):
@@ -209,13 +207,25 @@ def load_pretrained_state(directory: str | Path, manifest: str | Path | None = N
             raise FileNotFoundError(f"checkpoint file {path} is missing")
         if manifest is not None:
             verify_file(path, manifest)
+    return read_safetensors(weights), read_json(config_path)
+
+
+def read_json(path: str | Path):
+    """Parses a JSON file; a file that is not JSON raises ValueError naming it ("it may be corrupted")."""
+    path = Path(path)
     try:
-        state = load_file(str(weights), device="cpu")
-    except Exception as err:  # a truncated or foreign file
-        raise ValueError(f"{weights} could not be read as safetensors ({type(err).__name__}: {err}); "
-                         "it may be corrupted") from err
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err}); it may be corrupted") from err
-    return state, config
+        raise ValueError(f"{path} is not valid JSON ({err}); it may be corrupted") from err
+
+
+def read_safetensors(path: str | Path) -> dict:
+    """Loads a safetensors file to CPU tensors (no pickled code runs); a truncated or foreign file
+    raises ValueError naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # a truncated or foreign file
+        raise ValueError(f"{path} could not be read as safetensors ({type(err).__name__}: {err}); "
+                         "it may be corrupted") from err

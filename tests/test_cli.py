@@ -1,0 +1,92 @@
+"""The textimg command: train -> generate -> evaluate on the quick preset, and clear errors on bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from textimg.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`textimg train --preset quick` into a fresh directory (about 5 s)."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--preset", "quick", "--out", str(out), "--num-train", "64", "--no-progress"]) == 0
+    return out
+
+
+def test_train_writes_every_stage_and_resumes(trained, capsys):
+    for stage in ("refiner", "generator", "refiner_gan", "pipeline"):
+        assert (trained / stage / "model.safetensors").is_file()
+    assert (trained / "gan" / "gan_training.pt").is_file() and (trained / "text_cache.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["train", "--preset", "quick", "--out", str(trained), "--num-train", "64", "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("(done, skipped)") == 3
+
+
+def test_generate_writes_a_grid(trained, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a large green triangle at the bottom right\n\n")
+    out = tmp_path / "grid.png"
+    code = main(["generate", "--model", str(trained / "pipeline"), "--per-prompt", "3", "--seed", "2",
+                 "--prompts-file", str(prompts), "a small red circle at the top left", "--out", str(out)])
+    assert code == 0
+    assert "6 images (2 prompts x 3, seed 2)" in capsys.readouterr().out
+    width, height = Image.open(out).size
+    assert (width, height) == (3 * 66 + 2, 2 * 66 + 2)  # 64-pixel images, 2-pixel padding
+
+
+def test_generate_with_the_committed_pipeline(tmp_path):
+    out = tmp_path / "sub" / "one.jpg"
+    assert main(["generate", "a large blue star in the center", "--out", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)  # one image: no grid padding
+
+
+def test_evaluate_prints_a_table_and_writes_json(trained, tmp_path, capsys):
+    path = tmp_path / "metrics.json"
+    assert main(["evaluate", "--model", str(trained / "pipeline"), "--num-samples", "40", "--json", str(path),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "seen compositions" in printed and "real vs real floor" in printed
+    results = json.loads(path.read_text())
+    assert set(results["seen"]) == {"shape", "color", "size", "position", "all"}
+    assert results["images"] == 40 and results["fid_floor"] > 0
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["paint"],
+    ["train", "--preset", "huge"],
+    ["train", "--gan-steps", "0"],
+    ["generate", "x", "--seed", "abc"],
+    ["generate", "x", "--per-prompt", "-1"],
+    ["evaluate", "--num-samples", "many"],
+])
+def test_bad_arguments_exit_2_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "usage: textimg" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate"], "no prompts"),
+    (["generate", "  "], "prompt at position 0 is empty"),
+    (["generate", "x", "--out", "grid.gif"], "--out must end in"),
+    (["generate", "x", "--model", "/nonexistent/pipeline"], "no pipeline directory at /nonexistent/pipeline"),
+    (["generate", "--prompts-file", "/nonexistent.txt"], "no prompts file"),
+    (["evaluate", "--device", "cuda:7" if not __import__("torch").cuda.is_available() else "tpu"], "--device"),
+])
+def test_bad_input_exits_1_with_one_clear_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_python_dash_m_runs_the_same_command():
+    done = subprocess.run([sys.executable, "-m", "textimg", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "{train,generate,evaluate}" in done.stdout

@@ -1,0 +1,165 @@
+"""The ``textimg`` command (also ``python -m textimg``): train, generate, evaluate.
+
+    textimg train --preset quick --out runs/pipeline_quick    # every stage in order; run again to resume
+    textimg generate "a small red circle at the top left" "a large blue star" --out grid.png
+    textimg generate --model runs/pipeline_quick/pipeline --seed 3 --per-prompt 4 "a green square"
+    textimg evaluate --json metrics.json                      # the metrics table, on screen and as JSON
+
+Without ``--model`` the committed checkpoints are used. Errors in the arguments or the files
+print one line naming the problem and exit with status 2 (bad arguments) or 1 (anything else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from textimg.config import PRESETS, get_preset
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63), got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="textimg", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    sub = parser.add_subparsers(dest="command", metavar="{train,generate,evaluate}")
+    sub.required = True
+
+    train = sub.add_parser("train", help="train every stage in order (resumable) and save the pipeline")
+    train.add_argument("--preset", choices=PRESETS, default=None,
+                       help="model sizes and step counts (default: $TEXTIMG_PRESET, else gpu with CUDA, else cpu)")
+    train.add_argument("--out", type=Path, default=None, help="output directory (default: runs/pipeline_<preset>)")
+    train.add_argument("--num-train", type=_positive_int, help="training images (overrides the preset)")
+    train.add_argument("--refiner-steps", type=_positive_int, help="refiner reconstruction steps")
+    train.add_argument("--gan-steps", type=_positive_int, help="adversarial steps of the generator")
+    train.add_argument("--refiner-gan-steps", type=_positive_int, help="adversarial fine-tuning steps of the refiner")
+    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    gen = sub.add_parser("generate", help="prompts -> an image grid file")
+    gen.add_argument("prompts", nargs="*", help="captions, each in quotes")
+    gen.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line (added to the others)")
+    gen.add_argument("--model", type=Path, default=None, help="a saved pipeline directory (default: the committed one)")
+    gen.add_argument("--seed", type=_seed, default=0, help="noise seed: same prompts and seed, same images")
+    gen.add_argument("--per-prompt", type=_positive_int, default=1, help="images per prompt (one row each)")
+    gen.add_argument("--out", type=Path, default=Path("textimg_grid.png"), help="the grid image (.png, .jpg)")
+    gen.add_argument("--device", default=None)
+
+    ev = sub.add_parser("evaluate", help="the metrics table, on screen and as JSON")
+    ev.add_argument("--model", type=Path, default=None, help="a saved pipeline directory (default: the committed one)")
+    ev.add_argument("--num-samples", type=_positive_int, default=2000, help="images per set (default 2000)")
+    ev.add_argument("--seed", type=_seed, default=0)
+    ev.add_argument("--json", type=Path, default=None, help="also write the metrics here (default: print only)")
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _device(name: str | None):
+    from textimg.utils import get_device
+
+    try:
+        return get_device(name)
+    except RuntimeError as err:  # an unknown device string, or CUDA asked for without CUDA
+        raise ValueError(f"--device {name!r}: {err}") from None
+
+
+def _load(model: Path | None, device):
+    from textimg.pipeline import TextToImagePipeline
+
+    return TextToImagePipeline.from_pretrained(model, device=device)
+
+
+def cmd_train(args) -> int:
+    from textimg.pipeline import PipelineTrainConfig, train_pipeline
+
+    device = _device(args.device)
+    preset = args.preset or get_preset()
+    overrides = {k: v for k, v in {"num_train": args.num_train, "refiner_steps": args.refiner_steps,
+                                   "gan_steps": args.gan_steps, "refiner_gan_steps": args.refiner_gan_steps}.items()
+                 if v is not None}
+    cfg = PipelineTrainConfig.preset(preset, **overrides)
+    out = args.out or Path("runs") / f"pipeline_{preset}"
+    print(f"textimg train: preset {preset}, device {device}, output {out}")
+    path = train_pipeline(out, preset, cfg, device=device, progress=not args.no_progress)
+    print(f"done. Try:  textimg generate --model {path} \"a small red circle at the top left\"")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from PIL import Image
+
+    from textimg.viz import image_grid
+
+    prompts = list(args.prompts)
+    if args.prompts_file is not None:
+        if not args.prompts_file.is_file():
+            raise FileNotFoundError(f"no prompts file at {args.prompts_file}")
+        prompts += [line.strip() for line in args.prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompts: give them as arguments (in quotes) or with --prompts-file")
+    if args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        raise ValueError(f"--out must end in .png, .jpg, .webp or .bmp, got {args.out.name!r}")
+    pipe = _load(args.model, _device(args.device))
+    images = pipe.generate(prompts, seed=args.seed, num_per_prompt=args.per_prompt)  # (B * n, 3, 64, 64)
+    grid = image_grid(images, nrow=args.per_prompt if args.per_prompt > 1 else min(8, len(prompts)), value_range=(0, 1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(args.out)
+    print(f"{images.shape[0]} images ({len(prompts)} prompts x {args.per_prompt}, seed {args.seed}) -> {args.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from textimg.pipeline import evaluate_pipeline, metrics_table
+
+    pipe = _load(args.model, _device(args.device))
+    results = evaluate_pipeline(pipe, num_samples=args.num_samples, seed=args.seed, progress=not args.no_progress)
+    results["model"] = str(args.model) if args.model else "checkpoints (committed)"
+    print(metrics_table(results))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"metrics written to {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits with 2 and a usage line on bad arguments
+    from textimg.text import TextEncoderNotFoundError
+    from textimg.utils import ChecksumError
+
+    try:
+        return {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate}[args.command](args)
+    except (FileNotFoundError, ChecksumError, TextEncoderNotFoundError, ValueError, TypeError) as err:
+        print(f"textimg {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ntextimg {args.command}: interrupted" + ("; run the same command again to resume"
+                                                          if args.command == "train" else ""), file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
