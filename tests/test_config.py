@@ -52,3 +52,6 @@ def test_models_dir(monkeypatch, tmp_path):
     assert models_dir() == Path(__file__).resolve().parent.parent / "runs" / "models"
     monkeypatch.setenv("TEXTIMG_PRESET", "quick")  # quick runs never replace a learner's cpu/gpu models
     assert models_dir() == Path(__file__).resolve().parent.parent / "runs" / "models" / "quick"
+    assert models_dir("cpu") == Path(__file__).resolve().parent.parent / "runs" / "models"  # textimg train --preset
+    monkeypatch.setenv("TEXTIMG_PRESET", "cpu")
+    assert models_dir("quick") == Path(__file__).resolve().parent.parent / "runs" / "models" / "quick"

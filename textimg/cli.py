@@ -1,8 +1,8 @@
 """The ``textimg`` command (also ``python -m textimg``): train, generate, evaluate.
 
-    textimg train --preset quick --out runs/pipeline_quick    # every stage in order; run again to resume
+    textimg train --preset quick          # every stage in order; run it again to resume
     textimg generate "a small red circle at the top left" "a large blue star" --out grid.png
-    textimg generate --model runs/pipeline_quick/pipeline --seed 3 --per-prompt 4 "a green square"
+    textimg generate --model runs/models/quick/pipeline_training/pipeline --seed 3 --per-prompt 4 "a green square"
     textimg evaluate --json metrics.json                      # the metrics table, on screen and as JSON
 
 Without ``--model`` the committed checkpoints are used. Errors in the arguments or the files
@@ -16,7 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from textimg.config import PRESETS, get_preset
+from textimg.config import PRESETS, get_preset, models_dir
+from textimg.pipeline import TRAIN_DIR
 
 
 def _positive_int(text: str) -> int:
@@ -49,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train every stage in order (resumable) and save the pipeline")
     train.add_argument("--preset", choices=PRESETS, default=None,
                        help="model sizes and step counts (default: $TEXTIMG_PRESET, else gpu with CUDA, else cpu)")
-    train.add_argument("--out", type=Path, default=None, help="output directory (default: runs/pipeline_<preset>)")
+    train.add_argument("--out", type=Path, default=None, help="output directory (default: runs/models/pipeline_training, or "
+                            "runs/models/quick/pipeline_training for --preset quick)")
     train.add_argument("--num-train", type=_positive_int, help="training images (overrides the preset)")
     train.add_argument("--refiner-steps", type=_positive_int, help="refiner reconstruction steps")
     train.add_argument("--gan-steps", type=_positive_int, help="adversarial steps of the generator")
@@ -100,7 +102,7 @@ def cmd_train(args) -> int:
                                    "gan_steps": args.gan_steps, "refiner_gan_steps": args.refiner_gan_steps}.items()
                  if v is not None}
     cfg = PipelineTrainConfig.preset(preset, **overrides)
-    out = args.out or Path("runs") / f"pipeline_{preset}"
+    out = args.out or models_dir(preset) / TRAIN_DIR
     print(f"textimg train: preset {preset}, device {device}, output {out}")
     path = train_pipeline(out, preset, cfg, device=device, progress=not args.no_progress)
     print(f"done. Try:  textimg generate --model {path} \"a small red circle at the top left\"")

@@ -64,13 +64,13 @@ def cache_dir() -> "Path":
     return repo / "data" / "cache" if repo else Path.home() / ".cache" / "textimg"
 
 
-def models_dir() -> "Path":
+def models_dir(preset: str | None = None) -> "Path":
     """Where the learner's own trained models go (one folder per stage): $TEXTIMG_MODELS, else
     ``runs/models`` of the course repository (git-ignored), else ``~/.cache/textimg/models``.
 
     In the ``quick`` preset the default is the ``quick/`` folder inside it: a quick run (the tests,
     CI, an autograder) trains throwaway models and must never replace one a learner trained with
-    ``cpu`` or ``gpu``. A notebook that needs an earlier stage's model looks here first, then falls
+    ``cpu`` or ``gpu``. ``preset`` overrides the preset in force (``textimg train --preset``). A notebook that needs an earlier stage's model looks here first, then falls
     back to the committed checkpoint in ``checkpoints/``.
     """
     from pathlib import Path
@@ -79,7 +79,7 @@ def models_dir() -> "Path":
         return Path(os.environ["TEXTIMG_MODELS"]).expanduser()
     repo = _repo_root()
     base = repo / "runs" / "models" if repo else Path.home() / ".cache" / "textimg" / "models"
-    return base / "quick" if get_preset() == "quick" else base
+    return base / "quick" if get_preset(preset) == "quick" else base
 
 
 class PresetConfig:

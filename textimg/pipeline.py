@@ -362,6 +362,7 @@ class PipelineTrainConfig(PresetConfig):
 
 
 TRAIN_STAGES = ("text", "refiner", "gan", "refiner_gan", "pipeline")
+TRAIN_DIR = "pipeline_training"  # textimg train's default folder inside config.models_dir(preset)
 
 
 def train_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: PipelineTrainConfig | None = None,
