@@ -167,3 +167,46 @@ def test_optimal_d():
     assert checks.check_optimal_d(0.75)
     assert not checks.check_optimal_d(0.5)
     assert not checks.check_optimal_d(None)
+
+
+def test_a_function_left_as_a_stub_is_no_answer(capsys):
+    def stub(a, b):
+        ...  # your code
+
+    assert not checks.check_d_loss(stub)
+    assert "body is still" in capsys.readouterr().out
+
+
+def test_frechet_distance(capsys):
+    def frechet(a, b):
+        a, b = a.double(), b.double()
+        sa, sb = torch.cov(a.T), torch.cov(b.T)
+        root_trace = torch.linalg.eigvals(sa @ sb).sqrt().real.sum()
+        return ((a.mean(0) - b.mean(0)).square().sum() + sa.trace() + sb.trace() - 2 * root_trace).item()
+
+    assert checks.check_frechet_distance(frechet)
+    assert not checks.check_frechet_distance(lambda a, b: (a.mean(0) - b.mean(0)).square().sum().item())
+    assert "covariance term" in capsys.readouterr().out
+    assert not checks.check_frechet_distance(lambda a, b: 1 / 0)
+    assert not checks.check_frechet_distance(None)
+
+
+def test_lerp_path():
+    assert checks.check_lerp_path(lambda a, b, n: torch.stack([a + (b - a) * i / (n - 1) for i in range(n)]))
+    assert not checks.check_lerp_path(lambda a, b, n: torch.stack([a + (b - a) * i / n for i in range(n)]))
+    assert not checks.check_lerp_path(lambda a, b, n: a)
+
+
+def test_paraphrase(minilm, capsys):
+    from textimg.metrics import load_judge
+    from textimg.pipeline import TextToImagePipeline
+
+    pipe, judge = TextToImagePipeline.from_pretrained(encoder=minilm), load_judge()
+    white_circle = {"shape": "circle", "color": "white", "size": "large", "position": "center"}
+    assert checks.check_paraphrase("please draw one big white circle right in the middle", white_circle, pipe, judge)
+    assert not checks.check_paraphrase("a large white circle in the center", white_circle, pipe, judge)
+    assert "inside the caption grammar" in capsys.readouterr().out
+    assert not checks.check_paraphrase("please draw one big white circle right in the middle",
+                                       {**white_circle, "color": "red"}, pipe, judge)
+    assert not checks.check_paraphrase("please draw a circle", {"shape": "circle"}, pipe, judge)
+    assert not checks.check_paraphrase(None, None, pipe, judge)

@@ -17,10 +17,19 @@ def _report(ok: bool, good: str, hint: str) -> bool:
     return ok
 
 
+def _empty_body():
+    ...
+
+
 def _unanswered(answer) -> bool:
-    """True (and says so) while the learner's answer is still the placeholder None or ``...``."""
+    """True (and says so) while the learner's answer is still the placeholder None or ``...``, or a
+    function whose body is still only ``...`` (or ``pass``)."""
     if answer is None or answer is Ellipsis:
         print("❌ No answer yet: replace the None (or ...) with your answer and run the cell again.")
+        return True
+    code = getattr(answer, "__code__", None)
+    if code is not None and code.co_code == _empty_body.__code__.co_code and not code.co_consts[1:]:
+        print("❌ No answer yet: your function's body is still `...`; write it and run the cell again.")
         return True
     return False
 
@@ -337,3 +346,91 @@ def check_optimal_d(answer: float, p_data: float = 0.3, p_g: float = 0.1) -> boo
     expected = p_data / (p_data + p_g)
     return _report(abs(float(answer) - expected) < 1e-3, f"Right: D*(x) = {expected:.2f}.",
                    "Maximise p_data log D + p_g log(1 - D) over D pointwise: set the derivative to zero.")
+
+
+# ---- 05_pipeline -------------------------------------------------------------------------------
+
+def _frechet_reference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), float64, symmetric roots."""
+    def sqrt_psd(m):
+        vals, vecs = torch.linalg.eigh(m)
+        return vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
+
+    a, b = a.double(), b.double()
+    sa, sb = torch.cov(a.T), torch.cov(b.T)
+    root = sqrt_psd(sa)
+    return ((a.mean(0) - b.mean(0)).square().sum() + (sa + sb - 2 * sqrt_psd(root @ sb @ root)).trace()).item()
+
+
+def check_frechet_distance(fn: Callable[[torch.Tensor, torch.Tensor], float]) -> bool:
+    """Exercise: the Fréchet distance between two feature sets, ``fn(a (N, F), b (M, F)) -> float``:
+    ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), S the (unbiased) covariances."""
+    if _unanswered(fn):
+        return False
+    g = torch.Generator().manual_seed(5)
+    cases = [(torch.randn(400, 3, generator=g), torch.randn(300, 3, generator=g) * 2 + 1),
+             (torch.randn(500, 8, generator=g) @ torch.randn(8, 8, generator=g), torch.randn(500, 8, generator=g))]
+    for a, b in cases:
+        try:
+            got = float(fn(a.clone(), b.clone()))
+        except Exception as err:
+            return _report(False, "", f"your function raised {type(err).__name__}: {err}")
+        expected = _frechet_reference(a, b)
+        if abs(got - expected) > 1e-3 * max(1.0, abs(expected)):
+            hint = ("the mean term alone? Add the covariance term." if abs(got - (a.mean(0) - b.mean(0)).square().sum().item()) < 1e-6
+                    else "use torch.cov(x.T) for the covariances and a matrix square root of S_a S_b (its trace is "
+                         "the sum of the square roots of its eigenvalues, torch.linalg.eigvals).")
+            return _report(False, "", f"expected {expected:.4f}, got {got:.4f}: {hint}")
+    try:
+        same = float(fn(cases[0][0], cases[0][0]))
+    except Exception as err:
+        return _report(False, "", f"your function raised {type(err).__name__}: {err}")
+    if abs(same) > 1e-4:
+        return _report(False, "", f"a set against itself should be at distance 0, got {same:.2e}.")
+    return _report(True, "Right: that is FID's formula, here on any features you choose.", "")
+
+
+def check_lerp_path(fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -> bool:
+    """Exercise: ``fn(a (D,), b (D,), steps) -> (steps, D)``, the straight path from a to b in
+    ``steps`` evenly spaced points, a first and b last."""
+    if _unanswered(fn):
+        return False
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(5, generator=g), torch.randn(5, generator=g)
+    for steps in (2, 5, 9):
+        try:
+            got = torch.as_tensor(fn(a.clone(), b.clone(), steps)).float()
+        except Exception as err:
+            return _report(False, "", f"your function raised {type(err).__name__}: {err}")
+        w = torch.linspace(0, 1, steps).unsqueeze(1)
+        expected = (1 - w) * a + w * b
+        if got.shape != expected.shape:
+            return _report(False, "", f"for steps={steps} expected shape {tuple(expected.shape)}, got {tuple(got.shape)}.")
+        if not torch.allclose(got, expected, atol=1e-5):
+            return _report(False, "", "point i is (1 - w_i) a + w_i b with w_i = i / (steps - 1): the first is a, the last b.")
+    return _report(True, "Right: pipe.interpolate walks this path in the text embedding, with one fixed z.", "")
+
+
+def check_paraphrase(prompt: str, labels: dict, pipe, judge, seeds: int = 8, needed: int = 6) -> bool:
+    """Exercise: a prompt *outside* the caption grammar (``parse_caption`` rejects it) that the
+    pipeline still draws right: the judge must read ``labels`` (attribute -> word) in at least
+    ``needed`` of ``seeds`` images."""
+    from .data import ATTRIBUTES, parse_caption
+
+    if _unanswered(prompt) or _unanswered(labels):
+        return False
+    if set(labels) != set(ATTRIBUTES) or any(labels[a] not in ATTRIBUTES[a] for a in ATTRIBUTES):
+        return _report(False, "", f"labels must give one word per attribute, e.g. {{'shape': 'star', 'color': 'red', "
+                       f"'size': 'large', 'position': 'center'}}; words from ShapesDataset.ATTRIBUTES.")
+    try:
+        parse_caption(prompt)
+        return _report(False, "", f"{prompt!r} is inside the caption grammar (parse_caption reads it): reword it, "
+                       "with new words or a new sentence structure.")
+    except ValueError:
+        pass
+    images = pipe.generate([prompt] * seeds, seed=0) * 2 - 1
+    want = torch.tensor([ATTRIBUTES[a].index(labels[a]) for a in ATTRIBUTES])
+    right = int((judge.predict(images) == want).all(dim=1).sum())
+    return _report(right >= needed, f"Right: the judge reads {labels} in {right} of {seeds} images of a prompt the "
+                   "templates never used.", f"the judge reads all four attributes in {right} of {seeds} images "
+                   f"(need {needed}). Shape is the hardest; try another wording, or another shape.")
