@@ -223,3 +223,19 @@ def test_t5_and_local_directory(tmp_path, tiny_bert):
     assert isinstance(t5.model, T5EncoderModel) and t5.dim == 16
     enc = t5.encode(["a red circle", "a big blue square in the middle"])
     assert enc.tokens.shape[::2] == (2, 16) and enc.mask.dtype == torch.bool
+
+
+def test_an_exported_fp16_minilm_loads_from_textimg_minilm_dir(tmp_path, monkeypatch, minilm):
+    from textimg.text import export_encoder
+
+    directory = export_encoder(tmp_path / "minilm16")
+    size = sum(f.stat().st_size for f in directory.iterdir())
+    assert size < 60e6  # fits the GPU machine's 64 MiB working tree
+    monkeypatch.setenv("TEXTIMG_MINILM_DIR", str(directory))
+    copy = TextEncoder("minilm")
+    captions = ["a small red circle at the top left", "a large blue star in the center"]
+    a, b = copy.encode(captions).pooled, minilm.encode(captions).pooled
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.9999
+    monkeypatch.setenv("TEXTIMG_MINILM_DIR", str(tmp_path / "missing"))
+    with pytest.raises(TextEncoderNotFoundError):
+        TextEncoder("minilm")

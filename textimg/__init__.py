@@ -4,6 +4,12 @@ Stages and modules (each module is named like its notebook):
 
     data.py      captioned-shapes dataset, other image-caption sources   (00_introduction)
     text.py      frozen pretrained Transformer text encoder              (01_text_encoding)
+    generator.py noise + text -> 32x32, with attention                   (02_generation)
+    metrics.py   the judge, caption accuracy, judge-FID, diversity, ...  (02, 03, 04, 05)
+    vqvae.py     VQ-VAE refiner, 32x32 -> 64x64                          (03_vqvae_refinement)
+    gan.py       discriminators, GAN losses, d_step / g_step, train_gan  (04_adversarial_training)
+    pipeline.py  TextToImagePipeline, evaluate_pipeline, train_pipeline  (05_pipeline)
+    cli.py       the ``textimg`` command: train, generate, evaluate      (05_pipeline)
 
 Shared helpers live in ``config.py`` (presets), ``utils.py`` (seeding, device, checkpoints),
 ``viz.py`` (image grids) and ``checks.py`` (self-checking exercises).

@@ -101,8 +101,7 @@ class TextToImagePipeline:
         return torch.randn(n, self.generator.cfg.z_dim, generator=torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
-    def generate_from(self, z: Tensor, text: TextEncoding, prompts: list[str] | None = None,
-                      batch_size: int = 256, refine_output: bool = True) -> Tensor:
+    def generate_from(self, z: Tensor, text: TextEncoding, batch_size: int = 256, refine_output: bool = True) -> Tensor:
         """Images for given noise z (B, z_dim) and a TextEncoding (B captions): float (B, 3, S, S) in
         [0, 1] on the CPU, S = 64 (or 32 with ``refine_output=False``). The refiner reads the same
         text. Used by :meth:`generate` and :meth:`interpolate`."""

