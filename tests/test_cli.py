@@ -90,3 +90,14 @@ def test_bad_input_exits_1_with_one_clear_line(argv, message, capsys, tmp_path, 
 def test_python_dash_m_runs_the_same_command():
     done = subprocess.run([sys.executable, "-m", "textimg", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "{train,generate,evaluate}" in done.stdout
+
+
+def test_inception_fid_without_torch_fidelity_is_a_clear_error(capsys):
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("torch-fidelity is installed here")
+    assert main(["evaluate", "--num-samples", "8", "--inception-fid", "--no-progress"]) == 1
+    assert "pip install torch-fidelity" in capsys.readouterr().err

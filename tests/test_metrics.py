@@ -181,3 +181,15 @@ def test_a_constant_generator_has_zero_diversity(judge):
 
     image = torch.stack([ShapesDataset(1, split="test")[0]["image"]])
     assert diversity(judge, image.expand(8, -1, -1, -1)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_inception_fid_is_optional_and_says_how_to_get_it():
+    from textimg.metrics import inception_fid
+
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="pip install torch-fidelity"):
+            inception_fid(torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8))
+    else:
+        pytest.skip("torch-fidelity is installed here; the offline error path cannot be exercised")

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-samples", type=_positive_int, default=2000, help="images per set (default 2000)")
     ev.add_argument("--seed", type=_seed, default=0)
     ev.add_argument("--json", type=Path, default=None, help="also write the metrics here (default: print only)")
+    ev.add_argument("--inception-fid", action="store_true",
+                    help="also standard Inception FID (needs torch-fidelity and a network once)")
     ev.add_argument("--device", default=None)
     ev.add_argument("--no-progress", action="store_true")
     return parser
@@ -136,7 +138,8 @@ def cmd_evaluate(args) -> int:
     from textimg.pipeline import evaluate_pipeline, metrics_table
 
     pipe = _load(args.model, _device(args.device))
-    results = evaluate_pipeline(pipe, num_samples=args.num_samples, seed=args.seed, progress=not args.no_progress)
+    results = evaluate_pipeline(pipe, num_samples=args.num_samples, seed=args.seed, progress=not args.no_progress,
+                                inception=args.inception_fid)
     results["model"] = str(args.model) if args.model else "checkpoints (committed)"
     print(metrics_table(results))
     if args.json is not None:
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate}[args.command](args)
-    except (FileNotFoundError, ChecksumError, TextEncoderNotFoundError, ValueError, TypeError) as err:
+    except (FileNotFoundError, ChecksumError, TextEncoderNotFoundError, ValueError, TypeError, RuntimeError) as err:
         print(f"textimg {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -252,7 +252,7 @@ class TextToImagePipeline:
 
 def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None = None, num_samples: int = 2000,
                       seed: int = 0, diversity_captions: int = 16, diversity_samples: int = 16,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, inception: bool = False) -> dict:
     """Every number the course reports for a pipeline, on the shapes dataset's test split.
 
     - ``seen`` / ``heldout``: judge accuracy (per attribute and all four) of the 64x64 images for
@@ -266,6 +266,9 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
     - ``sharpness`` of generated and real images;
     - ``refiner``: PSNR / SSIM of the refiner and of bicubic upsampling on real 32x32 test images,
       and its codebook usage and perplexity (:func:`textimg.vqvae.evaluate_refiner`).
+
+    With ``inception=True`` also ``fid_inception`` and its floor ``fid_inception_floor``: standard
+    Inception-v3 FID (:func:`textimg.metrics.inception_fid`, needs torch-fidelity and a network once).
 
     Noise comes from ``seed`` (the global RNG is untouched). ``judge`` defaults to the committed one.
     Returns a dict of floats (fractions for accuracies); :func:`metrics_table` prints it.
@@ -297,6 +300,11 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
     real = torch.stack([test[i]["image"] for i in range(2 * num_samples)])  # (2N, 3, 64, 64)
     results["fid"] = judge_fid(judge, fake, real[:num_samples])
     results["fid_floor"] = judge_fid(judge, real[num_samples:], real[:num_samples])
+    if inception:
+        from textimg.metrics import inception_fid
+
+        results["fid_inception"] = inception_fid(fake, real[:num_samples])
+        results["fid_inception_floor"] = inception_fid(real[num_samples:], real[:num_samples])
     done()
     div_caps = captions[:diversity_captions]
     results["diversity"] = sum(diversity(judge, pipe.generate([c] * diversity_samples, seed=seed + 2 + k) * 2 - 1)
@@ -325,6 +333,8 @@ def metrics_table(results: dict) -> str:
         rows.append(f"| {name} compositions | " + " | ".join(f"{100 * results[name][a]:.1f} %" for a in attrs) + " |")
     rows += ["", "| measure | pipeline | reference |", "|---|---|---|",
              f"| judge-FID (vs real test images) | {results['fid']:.2f} | {results['fid_floor']:.2f} (real vs real floor) |",
+             *([f"| Inception FID (standard) | {results['fid_inception']:.2f} | "
+                f"{results['fid_inception_floor']:.2f} (real vs real floor) |"] if "fid_inception" in results else []),
              f"| diversity (judge features) | {results['diversity']:.2f} | {results['diversity_real']:.2f} (real images) |",
              f"| sharpness (Laplacian variance) | {results['sharpness']:.4f} | {results['sharpness_real']:.4f} (real images) |"]
     if "refiner" in results:
