@@ -605,7 +605,8 @@ def test_committed_gan_checkpoints_load_and_match_the_manifest(name):
         assert entries[f"{name}/{file}"] == sha256_file(CHECKPOINTS / name / file)
     model = load_generator(directory) if name == "generator_gan" else load_refiner(directory)
     config = json.loads((directory / "config.json").read_text())
-    assert config["training"]["function"] == "textimg.gan.train_and_save_gan"
+    assert config["training"]["function"].startswith("textimg.")  # how it was made, reproducibly
+    assert config["training"]["steps"] > 0 and config["training"]["preset"] in ("cpu", "gpu")
     assert config["parameters"] == sum(p.numel() for p in model.parameters())
 
 

@@ -358,7 +358,7 @@ class PipelineTrainConfig(PresetConfig):
     num_train: int = 20_000  # training images (and their captions)
     refiner_steps: int = 2000  # stage 3: the refiner's reconstruction training
     refiner_batch_size: int = 32
-    gan_steps: int = 4000  # stage 4: the generator against the matching-aware discriminator
+    gan_steps: int = 16_000  # stage 4: the generator against the matching-aware discriminator
     refiner_gan_steps: int = 300  # stage 4: the refiner's adversarial fine-tuning
     checkpoint_every: int = 200  # GAN steps between resumable checkpoints
     seed: int = 0
