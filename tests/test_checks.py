@@ -202,11 +202,11 @@ def test_paraphrase(minilm, capsys):
     from textimg.pipeline import TextToImagePipeline
 
     pipe, judge = TextToImagePipeline.from_pretrained(encoder=minilm), load_judge()
-    white_circle = {"shape": "circle", "color": "white", "size": "large", "position": "center"}
-    assert checks.check_paraphrase("please draw one big white circle right in the middle", white_circle, pipe, judge)
-    assert not checks.check_paraphrase("a large white circle in the center", white_circle, pipe, judge)
+    white_star = {"shape": "star", "color": "white", "size": "large", "position": "center"}
+    assert checks.check_paraphrase("please draw one big white star right in the middle", white_star, pipe, judge)
+    assert not checks.check_paraphrase("a large white star in the center", white_star, pipe, judge)
     assert "inside the caption grammar" in capsys.readouterr().out
-    assert not checks.check_paraphrase("please draw one big white circle right in the middle",
-                                       {**white_circle, "color": "red"}, pipe, judge)
-    assert not checks.check_paraphrase("please draw a circle", {"shape": "circle"}, pipe, judge)
+    assert not checks.check_paraphrase("please draw one big white star right in the middle",
+                                       {**white_star, "color": "red"}, pipe, judge)
+    assert not checks.check_paraphrase("please draw a star", {"shape": "star"}, pipe, judge)
     assert not checks.check_paraphrase(None, None, pipe, judge)
