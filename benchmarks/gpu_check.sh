@@ -5,10 +5,12 @@
 # Prepare on the CPU machine (MiniLM's wheel is 83 MB; an fp16 copy is about 45 MB):
 #     .venv/bin/python -c "from textimg.text import export_encoder; export_encoder('runs/device/minilm')"
 # Then run it with the device tool, one part per call (each fits the 10-minute limit):
+#     run(command="bash benchmarks/gpu_check.sh smoke",     carry=["runs/device/minilm"], timeout_s=120)
 #     run(command="bash benchmarks/gpu_check.sh bench",     carry=["runs/device/minilm"], timeout_s=300)
 #     run(command="bash benchmarks/gpu_check.sh notebooks", carry=["runs/device/minilm"], timeout_s=590)
 # Results land in $OUT (the device tool's folder), else runs/device/out.
 #
+# smoke:     the carried encoder and the committed pipeline work on the device (run this first).
 # bench:     machine facts, bench_throughput.py (real vs synthetic vs source loop) in the gpu preset,
 #            and bench_stages.py.
 # notebooks: every notebook in the gpu preset (textimg-course), each timed, executed copies kept.
@@ -35,6 +37,17 @@ for m in ("torch", "torchvision", "transformers", "safetensors", "torchmetrics",
 PY
 cat "$OUT/modules.txt"
 case "$part" in
+  smoke)  # a minute: the encoder from the carried copy, the committed pipeline on the device, one grid
+    python - 2>&1 <<'PY' | tee "$OUT/smoke.txt"
+import torch
+from textimg.pipeline import TextToImagePipeline
+from textimg.utils import get_device
+device = get_device()
+pipe = TextToImagePipeline.from_pretrained(device=device)
+x = pipe.generate(["a small red circle at the top left", "a large blue star in the center"], seed=0)
+print(device, torch.cuda.get_device_name(0) if device.type == "cuda" else "", tuple(x.shape), float(x.mean()))
+PY
+    ;;
   bench)
     timeout 240 python benchmarks/bench_throughput.py --preset gpu --steps 50 --json "$OUT/throughput_gpu.json" \
       2>&1 | tee "$OUT/throughput_gpu.txt"
@@ -54,5 +67,5 @@ case "$part" in
     echo "exit $?" >> "$OUT/gan_gpu.log"
     cp -r checkpoints/generator_gan checkpoints/refiner_gan checkpoints/MANIFEST.json "$OUT/" 2>/dev/null
     ;;
-  *) echo "usage: $0 bench|notebooks|gan"; exit 2 ;;
+  *) echo "usage: $0 smoke|bench|notebooks|gan"; exit 2 ;;
 esac
