@@ -53,6 +53,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(step, steps: int, warmup: int, device: torch.device, batch: int) -> dict:
+    """Runs ``step(i)`` ``warmup`` times, then times ``steps`` more (synchronising CUDA around them)."""
+    for i in range(warmup):
+        step(i)
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(warmup + i)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return {"seconds_per_step": seconds / steps, "images_per_s": steps * batch / seconds}
+
+
 def _models(preset: str, text_dim: int, device: torch.device):
     torch.manual_seed(0)
     g = Generator(GeneratorConfig.preset(preset, text_dim=text_dim)).to(device)
@@ -102,16 +115,7 @@ def synthetic_loop(preset: str, steps: int, warmup: int, device: torch.device, t
         g_step(g, d, g_opt, z, text, loss=cfg.g_loss, kl_weight=cfg.kl_weight, augment=cfg.augment, rng=rng,
                scaler=scaler, amp_dtype=amp_dtype, step=i, labels=labels, aux_weight=cfg.aux_weight)
 
-    for i in range(warmup):
-        step(i)
-    _sync(device)
-    start = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    _sync(device)
-    seconds = time.perf_counter() - start
-    return {"batch": B, "precision": str(amp_dtype or torch.float32), "seconds_per_step": seconds / steps,
-            "images_per_s": steps * B / seconds}
+    return {"batch": B, "precision": str(amp_dtype or torch.float32), **_timed(step, steps, warmup, device, B)}
 
 
 def source_loop(preset: str, steps: int, warmup: int, device: torch.device, tokenizer, batch: int = 64,
@@ -154,16 +158,8 @@ def source_loop(preset: str, steps: int, warmup: int, device: torch.device, toke
                step=i, labels=labels, aux_weight=cfg.aux_weight)
         bert.zero_grad(set_to_none=True)  # the source's optimizers do not hold BERT: its gradients are wasted work
 
-    for i in range(warmup):
-        step(i)
-    _sync(device)
-    start = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    _sync(device)
-    seconds = time.perf_counter() - start
-    return {"batch": batch, "precision": "torch.float32", "bert_autograd": as_written, "seconds_per_step": seconds / steps,
-            "images_per_s": steps * batch / seconds}
+    return {"batch": batch, "precision": "torch.float32", "bert_autograd": as_written,
+            **_timed(step, steps, warmup, device, batch)}
 
 
 def main() -> None:
