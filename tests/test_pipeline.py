@@ -148,6 +148,10 @@ def test_evaluate_pipeline_reports_every_number(pipe):
     assert results["fid"] > results["fid_floor"]  # an untrained generator is far from real images
     assert results["diversity"] >= 0 and results["diversity_real"] > 0
     assert {"psnr_refiner", "psnr_bicubic", "ssim_refiner", "usage", "perplexity"} <= set(results["refiner"])
+    with pytest.raises(ValueError, match="num_samples must be an int >= 2"):
+        evaluate_pipeline(pipe, num_samples=1)
+    with pytest.raises(ValueError, match="diversity_captions"):
+        evaluate_pipeline(pipe, num_samples=4, diversity_captions=0)
     table = metrics_table(results)
     assert "seen compositions" in table and "real vs real floor" in table and "codebook usage" in table
 

@@ -270,13 +270,19 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
     With ``inception=True`` also ``fid_inception`` and its floor ``fid_inception_floor``: standard
     Inception-v3 FID (:func:`textimg.metrics.inception_fid`, needs torch-fidelity and a network once).
 
-    Noise comes from ``seed`` (the global RNG is untouched). ``judge`` defaults to the committed one.
-    Returns a dict of floats (fractions for accuracies); :func:`metrics_table` prints it.
+    ``seed`` picks the dataset items and the noise (the global RNG is untouched). ``judge`` defaults
+    to the committed one. Returns a dict of floats (fractions for accuracies); :func:`metrics_table`
+    prints it. Raises ValueError if num_samples < 2, diversity_captions < 1 or diversity_samples < 2.
     """
     from textimg.data import ShapesDataset, sample_images
     from textimg.metrics import caption_accuracy, diversity, judge_fid, load_judge, sharpness
     from textimg.vqvae import evaluate_refiner
 
+    for name, value, low in (("num_samples", num_samples, 2), ("diversity_captions", diversity_captions, 1),
+                             ("diversity_samples", diversity_samples, 2)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low} (a Fréchet distance and a diversity need at least "
+                             f"two images), got {value!r}")
     judge = judge if judge is not None else load_judge()
     steps = ["seen", "heldout", "fid", "diversity", "refiner"]
     bar = None
