@@ -22,6 +22,7 @@ def test_train_writes_every_stage_and_resumes(trained, capsys):
     for stage in ("refiner", "generator", "refiner_gan", "pipeline"):
         assert (trained / stage / "model.safetensors").is_file()
     assert (trained / "gan" / "gan_training.pt").is_file() and (trained / "text_cache.safetensors").is_file()
+    assert (trained / "refiner_training" / "vqvae_training.pt").is_file()
     capsys.readouterr()
     assert main(["train", "--preset", "quick", "--out", str(trained), "--num-train", "64", "--no-progress"]) == 0
     assert capsys.readouterr().out.count("(done, skipped)") == 3

@@ -329,3 +329,48 @@ def test_a_tampered_refiner_is_refused(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ChecksumError, match=r"refiner/model\.safetensors does not match"):
         load_refiner(tmp_path / "refiner", tmp_path / "MANIFEST.json")
+
+
+def test_training_resumes_exactly_from_a_checkpoint(tmp_path, tiny_bert):
+    """6 steps straight == 3 steps, an interruption, a fresh model, resume to 6 (checkpoint every 3)."""
+    from textimg.data import ShapesDataset
+    from textimg.vqvae import VQVAE_CHECKPOINT_NAME, train_refiner
+
+    data = ShapesDataset(40, split="train")
+
+    def fresh():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return Refiner(RefinerConfig.preset("quick", text_dim=tiny_bert.dim))
+
+    straight = fresh()
+    h1 = train_refiner(straight, data, steps=6, batch_size=8, encoder=tiny_bert, progress=False, log_every=1,
+                       checkpoint_dir=tmp_path / "a", checkpoint_every=3)
+
+    class Interrupting(torch.utils.data.Dataset):  # Ctrl-C while the 4th batch is being read
+        def __init__(self):
+            self.reads = 0
+
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            self.reads += 1
+            if self.reads > 3 * 8:
+                raise KeyboardInterrupt
+            return data[i]
+
+    with pytest.raises(KeyboardInterrupt):
+        train_refiner(fresh(), Interrupting(), steps=6, batch_size=8, encoder=tiny_bert, progress=False,
+                      log_every=1, checkpoint_dir=tmp_path / "b", checkpoint_every=3)
+    assert (tmp_path / "b" / VQVAE_CHECKPOINT_NAME).is_file()
+    torch.manual_seed(999)  # the global RNG plays no part
+    resumed = fresh()
+    h2 = train_refiner(resumed, data, steps=6, batch_size=8, encoder=tiny_bert, progress=False, log_every=1,
+                       checkpoint_dir=tmp_path / "b", checkpoint_every=3)
+    assert h2["step"] == h1["step"] == list(range(6)) and h2["recon"] == h1["recon"]
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    with pytest.raises(ValueError, match="another run"):
+        train_refiner(fresh(), data, steps=6, batch_size=4, encoder=tiny_bert, progress=False,
+                      checkpoint_dir=tmp_path / "b")

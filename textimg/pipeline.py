@@ -366,7 +366,7 @@ class PipelineTrainConfig(PresetConfig):
     refiner_batch_size: int = 32
     gan_steps: int = 16_000  # stage 4: the generator against the matching-aware discriminator
     refiner_gan_steps: int = 300  # stage 4: the refiner's adversarial fine-tuning
-    checkpoint_every: int = 200  # GAN steps between resumable checkpoints
+    checkpoint_every: int = 200  # refiner and GAN steps between resumable checkpoints
     seed: int = 0
 
     SIZES = {"quick": dict(num_train=256, refiner_steps=10, refiner_batch_size=8, gan_steps=10, refiner_gan_steps=3,
@@ -387,16 +387,17 @@ def train_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: PipelineTrainC
     Stages (each writes its result before the next starts):
 
     1. ``text``: encodes the training captions once with the frozen encoder -> ``text_cache.safetensors``;
-    2. ``refiner``: the VQ-VAE refiner, reconstruction loss (notebook 03) -> ``refiner/``;
+    2. ``refiner``: the VQ-VAE refiner, reconstruction loss (notebook 03), checkpointed to
+       ``refiner_training/vqvae_training.pt`` -> ``refiner/``;
     3. ``gan``: the generator against a matching-aware discriminator with an attribute head
        (notebook 04), checkpointed to ``gan/gan_training.pt`` -> ``generator/``;
     4. ``refiner_gan``: the refiner fine-tuned with a PatchGAN (notebook 04) -> ``refiner_gan/``;
     5. ``pipeline``: generator + fine-tuned refiner -> ``pipeline/`` (:meth:`TextToImagePipeline.save_pretrained`).
 
     Resumable: run it again with the same ``out_dir`` after an interruption and finished stages are
-    skipped, and the GAN stage continues exactly from its last checkpoint (every
-    ``cfg.checkpoint_every`` steps); an interrupted refiner stage starts that stage again. The
-    preset and config are recorded in ``out_dir/train_config.json``, and a second run must match them.
+    skipped, and the refiner and GAN stages continue exactly from their last checkpoint (every
+    ``cfg.checkpoint_every`` steps); the short adversarial fine-tuning of the refiner starts again.
+    The preset and config are recorded in ``out_dir/train_config.json``, and a second run must match them.
 
     Returns:
         the pipeline's directory, ``out_dir/pipeline``.
@@ -443,7 +444,8 @@ def train_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: PipelineTrainC
             torch.manual_seed(cfg.seed)
             refiner = Refiner(RefinerConfig.preset(preset, text_cond=True, text_dim=encoder.dim))
         history = train_refiner(refiner, data64, cfg.refiner_steps, cfg.refiner_batch_size, device=device,
-                                seed=cfg.seed, progress=progress, encoder=encoder)
+                                seed=cfg.seed, progress=progress, encoder=encoder,
+                                checkpoint_dir=out / "refiner_training", checkpoint_every=cfg.checkpoint_every)
         save_refiner(refiner.cpu(), out / "refiner", {"text_encoder": encoder.name, "training": {
             **facts, "steps": cfg.refiner_steps, "seconds": round(history["seconds"], 1)}}, manifest=None)
 

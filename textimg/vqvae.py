@@ -51,9 +51,12 @@ from torch import Tensor
 from textimg.config import PresetConfig
 from textimg.metrics import CHECKPOINTS, MANIFEST, codebook_perplexity, codebook_usage, psnr, ssim
 from textimg.text import TextEncoding
-from textimg.utils import count_parameters, load_pretrained_state, save_pretrained_module
+from textimg.utils import (count_parameters, load_checkpoint, load_pretrained_state, save_checkpoint,
+                           save_pretrained_module)
 
 REFINER_DIR = CHECKPOINTS / "refiner"
+VQVAE_CHECKPOINT_NAME = "vqvae_training.pt"  # the training-state file train_vqvae keeps in checkpoint_dir
+VQVAE_CHECKPOINT_FORMAT = "textimg.vqvae_training/1"
 
 # -----------------------------------------------------------------------------------------------
 # The vector quantiser
@@ -428,7 +431,8 @@ def _batch(data, idx: Tensor) -> tuple[Tensor, list[str] | None]:
 
 def train_vqvae(model: VQVAE, data, steps: int = 1000, batch_size: int = 32, lr: float = 2e-3,
                 device: str | torch.device | None = None, seed: int = 0, progress: bool = True,
-                log_every: int = 10, encoder=None, recon_loss: str = "mse", text_dropout: float = 0.1) -> dict:
+                log_every: int = 10, encoder=None, recon_loss: str = "mse", text_dropout: float = 0.1,
+                checkpoint_dir: str | Path | None = None, checkpoint_every: int = 200) -> dict:
     """Trains a VQVAE (input = target = x_real) or a Refiner (input = x_real area-downsampled to
     ``cfg.low_size``, as ShapesDataset makes its 32x32 images) with reconstruction + VQ loss, Adam.
 
@@ -453,6 +457,10 @@ def train_vqvae(model: VQVAE, data, steps: int = 1000, batch_size: int = 32, lr:
         encoder: a TextEncoder, needed by a text-conditioned Refiner (captions are encoded once, cached).
         recon_loss: "mse" or "l1".
         text_dropout: fraction of captions replaced by the null caption (zeros), so ``text=None`` works.
+        checkpoint_dir: where ``vqvae_training.pt`` goes (None: no checkpoints): written atomically
+            every ``checkpoint_every`` steps and at the end. If it exists, training resumes from it
+            exactly (model, optimiser, schedule, the loop's RNG, the data order, the history); it
+            must come from a run with the same config and arguments. Loaded with ``weights_only=True``.
 
     Returns:
         {"step", "loss", "recon", "vq_loss", "commit_loss", "codebook_loss", "perplexity", "usage":
@@ -480,11 +488,33 @@ def train_vqvae(model: VQVAE, data, steps: int = 1000, batch_size: int = 32, lr:
     keys = ("loss", "recon", "vq_loss", "commit_loss", "codebook_loss", "perplexity", "usage")
     history = {"step": [], **{k: [] for k in keys}}
     batch_size = min(batch_size, len(data))
-    order, pos, start = torch.randperm(len(data), generator=rng), 0, time.perf_counter()
-    bar = range(steps)
+    order, pos, first, seconds = torch.randperm(len(data), generator=rng), 0, 0, 0.0
+    path = Path(checkpoint_dir) / VQVAE_CHECKPOINT_NAME if checkpoint_dir is not None else None
+    run = {"format": VQVAE_CHECKPOINT_FORMAT, "model": type(model).__name__, "config": model.cfg.to_dict(),
+           "args": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "recon_loss": recon_loss,
+                    "text_dropout": text_dropout, "num_items": len(data)}}
+    if path is not None and path.is_file():
+        state = load_checkpoint(path)  # weights_only=True: no pickled code runs
+        if {k: state.get(k) for k in run} != run:
+            raise ValueError(f"{path} is from another run ({ {k: state.get(k) for k in ('model', 'args')} }); "
+                             "resume with the same model config and arguments, or use another checkpoint_dir")
+        model.load_state_dict(state["state"])
+        opt.load_state_dict(state["opt"])
+        schedule.load_state_dict(state["schedule"])
+        rng.set_state(state["rng"])
+        order, pos, first = state["order"], state["pos"], state["step"]
+        history, seconds = state["history"], state["seconds"]
+
+    def save(next_step: int, elapsed: float) -> None:
+        save_checkpoint({**run, "step": next_step, "seconds": elapsed, "state": model.state_dict(),
+                         "opt": opt.state_dict(), "schedule": schedule.state_dict(), "rng": rng.get_state(),
+                         "order": order, "pos": pos, "history": history}, path)
+
+    start = time.perf_counter()
+    bar = range(first, steps)
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(bar, desc=type(model).__name__, unit="step")
+        bar = tqdm(bar, desc=type(model).__name__, unit="step", initial=first, total=steps)
     for step in bar:
         if pos + batch_size > len(order):  # a new epoch, a new order
             order, pos = torch.randperm(len(data), generator=rng), 0
@@ -510,7 +540,9 @@ def train_vqvae(model: VQVAE, data, steps: int = 1000, batch_size: int = 32, lr:
                 history[key].append(value.item())
             if progress:
                 bar.set_postfix(recon=f"{recon.item():.4f}", perplexity=f"{vq.perplexity.item():.0f}")
-    history["seconds"] = time.perf_counter() - start
+        if path is not None and ((step + 1) % checkpoint_every == 0 or step == steps - 1):
+            save(step + 1, seconds + time.perf_counter() - start)
+    history["seconds"] = seconds + time.perf_counter() - start
     return history
 
 
