@@ -14,7 +14,8 @@
 # bench:     machine facts, bench_throughput.py (real vs synthetic vs source loop) in the gpu preset,
 #            and bench_stages.py.
 # notebooks: every notebook in the gpu preset (textimg-course), each timed, executed copies kept.
-# gan:       issue 5's run, `python -m textimg.gan --preset gpu` (not timed yet: give it its own session).
+# gan:       issue 5's run, `textimg train --preset gpu` (20,000 GAN steps; resumable, so repeated calls
+#            continue it), then `textimg evaluate` on the result. Not timed yet: give it its own session.
 set -uo pipefail
 part="${1:-bench}"
 cd "$(dirname "$0")/.."
@@ -62,10 +63,14 @@ PY
     done
     mkdir -p "$OUT/executed" && cp runs/gpu/*.ipynb "$OUT/executed/" 2>/dev/null
     ;;
-  gan)
-    timeout 580 python -m textimg.gan --preset gpu --steps 20000 --refiner-steps 600 > "$OUT/gan_gpu.log" 2>&1
-    echo "exit $?" >> "$OUT/gan_gpu.log"
-    cp -r checkpoints/generator_gan checkpoints/refiner_gan checkpoints/MANIFEST.json "$OUT/" 2>/dev/null
+  gan)  # resumable: while the machine stays warm, call it again to continue where the timeout stopped it
+    timeout 560 python -m textimg train --preset gpu --out runs/device/train_gpu --no-progress \
+      >> "$OUT/train_gpu.log" 2>&1
+    echo "exit $?" >> "$OUT/train_gpu.log"
+    [ -d runs/device/train_gpu/pipeline ] && cp -r runs/device/train_gpu/pipeline runs/device/train_gpu/generator \
+      runs/device/train_gpu/refiner_gan "$OUT/" 2>/dev/null
+    [ -d runs/device/train_gpu/pipeline ] && timeout 120 python -m textimg evaluate \
+      --model runs/device/train_gpu/pipeline --json "$OUT/metrics_gpu.json" --no-progress > "$OUT/evaluate_gpu.txt" 2>&1
     ;;
   *) echo "usage: $0 smoke|bench|notebooks|gan"; exit 2 ;;
 esac
