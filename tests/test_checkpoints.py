@@ -112,3 +112,14 @@ def test_a_pickle_is_refused_not_run(tmp_path):
     with pytest.raises(ValueError, match="could not be read as safetensors"):
         load_pretrained_state(directory)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_recorded_hash_makes_a_folder_check_itself(tmp_path):
+    directory = save_pretrained_module(small_module(), {"width": 4}, tmp_path / "net", record_hash=True)
+    state, config = load_pretrained_state(directory)  # no manifest needed
+    assert config["weights_sha256"] == sha256_file(directory / "model.safetensors")
+    data = bytearray((directory / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (directory / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=r"model\.safetensors does not match the SHA-256 recorded in"):
+        load_pretrained_state(directory)

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from textimg.config import PresetConfig, check_preset
 from textimg.generator import Generator, GeneratorConfig
 from textimg.text import TextEncoder, TextEncoding
-from textimg.utils import (CONFIG_NAME, WEIGHTS_NAME, ChecksumError, atomic_write, count_parameters, read_json,
-                           read_safetensors, save_json, sha256_file)
+from textimg.utils import (CONFIG_NAME, WEIGHTS_NAME, count_parameters, load_pretrained_state, read_json,
+                           save_json, save_pretrained_module)
 from textimg.vqvae import Refiner, RefinerConfig, bicubic, refine
 
 PIPELINE_FORMAT = "textimg.pipeline/1"
@@ -177,17 +177,13 @@ class TextToImagePipeline:
         """Writes ``directory/model.safetensors`` (the generator's and the refiner's weights, keys
         prefixed ``generator.`` / ``refiner.``) and ``directory/config.json`` (both configs, the text
         encoder's name, the weights' SHA-256, and ``facts``), each atomically. Returns the directory."""
-        from safetensors.torch import save_file
+        return save_pretrained_module(self._parts(self.generator, self.refiner), {**self.config(), **(facts or {})},
+                                      directory, record_hash=True)
 
-        directory = Path(directory)
-        parts = {"generator": self.generator, **({"refiner": self.refiner} if self.refiner is not None else {})}
-        state = {f"{name}.{k}": v.detach().cpu().contiguous().clone()
-                 for name, module in parts.items() for k, v in module.state_dict().items()}
-        weights = atomic_write(directory / WEIGHTS_NAME,
-                               lambda tmp: save_file(state, str(tmp), metadata={"format": PIPELINE_FORMAT}))
-        save_json({**self.config(), "weights_sha256": sha256_file(weights), **(facts or {})},
-                  directory / CONFIG_NAME)
-        return directory
+    @staticmethod
+    def _parts(generator: Generator, refiner: Refiner | None) -> nn.ModuleDict:
+        """The networks under one module, so their state dict keys read ``generator.…`` / ``refiner.…``."""
+        return nn.ModuleDict({"generator": generator, **({"refiner": refiner} if refiner is not None else {})})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path | None = None, encoder: TextEncoder | None = None,
@@ -214,25 +210,14 @@ class TextToImagePipeline:
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"no pipeline directory at {directory} (expected {WEIGHTS_NAME} and {CONFIG_NAME})")
+        state, config = load_pretrained_state(directory)  # checks the weights against config.json's SHA-256
         config_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights):
-            if not path.is_file():
-                raise FileNotFoundError(f"pipeline file {path} is missing")
-        config = read_json(config_path)
         if not isinstance(config, dict) or config.get("format") != PIPELINE_FORMAT:
             raise ValueError(f"{config_path} is not a textimg pipeline config (format {PIPELINE_FORMAT!r} expected)")
-        expected = config.get("weights_sha256")
-        if expected and sha256_file(weights) != expected:
-            raise ChecksumError(f"{weights} does not match the SHA-256 recorded in {config_path}: "
-                                "the file was changed or is corrupted")
-        state = read_safetensors(weights)
         try:
             generator = Generator(GeneratorConfig.from_dict(config["generator"]))
-            generator.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("generator.")})
-            refiner = None
-            if config.get("refiner") is not None:
-                refiner = Refiner(RefinerConfig.from_dict(config["refiner"]))
-                refiner.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("refiner.")})
+            refiner = Refiner(RefinerConfig.from_dict(config["refiner"])) if config.get("refiner") is not None else None
+            cls._parts(generator, refiner).load_state_dict(state)
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{weights} and {config_path} do not describe the same pipeline "
                              f"({type(err).__name__}: {str(err)[:300]})") from err
@@ -315,8 +300,8 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
     div_caps = captions[:diversity_captions]
     results["diversity"] = sum(diversity(judge, pipe.generate([c] * diversity_samples, seed=seed + 2 + k) * 2 - 1)
                                for k, c in enumerate(div_caps)) / len(div_caps)
-    results["diversity_real"] = sum(diversity(judge, sample_images(test[i]["labels"], diversity_samples, seed=seed + k))
-                                    for k, i in enumerate(range(len(div_caps)))) / len(div_caps)
+    results["diversity_real"] = sum(diversity(judge, sample_images(test.spec(k).labels, diversity_samples, seed=seed + k))
+                                    for k in range(len(div_caps))) / len(div_caps)  # spec: labels without a render
     results["sharpness"], results["sharpness_real"] = sharpness(fake), sharpness(real[:num_samples])
     done()
     if pipe.refiner is not None:

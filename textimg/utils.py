@@ -116,10 +116,12 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 def save_pretrained_module(module: torch.nn.Module, config: dict, directory: str | Path,
-                           manifest: str | Path | None = None) -> Path:
+                           manifest: str | Path | None = None, record_hash: bool = False) -> Path:
     """Writes ``directory/model.safetensors`` (the state dict) and ``directory/config.json``, each atomically,
     and records both files' SHA-256 in ``manifest`` if one is given (:func:`update_manifest`).
 
+    With ``record_hash`` the weights' SHA-256 also goes into config.json (``weights_sha256``), so
+    the folder checks itself without a manifest (:func:`load_pretrained_state` verifies it).
     Safetensors holds tensors only, so loading it never runs code (unlike a pickle).
 
     Returns:
@@ -130,8 +132,8 @@ def save_pretrained_module(module: torch.nn.Module, config: dict, directory: str
     directory = Path(directory)
     # contiguous copies that share no memory: safetensors refuses tied or strided views
     state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-    save_json(config, directory / CONFIG_NAME)
+    weights = atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    save_json({**config, "weights_sha256": sha256_file(weights)} if record_hash else config, directory / CONFIG_NAME)
     if manifest is not None:
         update_manifest(manifest, [directory / WEIGHTS_NAME, directory / CONFIG_NAME])
     return directory
@@ -197,8 +199,9 @@ def load_pretrained_state(directory: str | Path, manifest: str | Path | None = N
         (state_dict of CPU tensors, config dict).
 
     Raises:
-        FileNotFoundError: a file is missing; ChecksumError: a hash differs from the manifest's;
-        ValueError: a file cannot be read. Every message names the file.
+        FileNotFoundError: a file is missing; ChecksumError: a hash differs from the manifest's, or
+        from the ``weights_sha256`` that config.json records; ValueError: a file cannot be read.
+        Every message names the file.
     """
     directory = Path(directory)
     weights, config_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
@@ -207,7 +210,12 @@ def load_pretrained_state(directory: str | Path, manifest: str | Path | None = N
             raise FileNotFoundError(f"checkpoint file {path} is missing")
         if manifest is not None:
             verify_file(path, manifest)
-    return read_safetensors(weights), read_json(config_path)
+    config = read_json(config_path)
+    expected = config.get("weights_sha256") if isinstance(config, dict) else None
+    if expected and sha256_file(weights) != expected:
+        raise ChecksumError(f"{weights} does not match the SHA-256 recorded in {config_path}: "
+                            "the file was changed or is corrupted")
+    return read_safetensors(weights), config
 
 
 def read_json(path: str | Path):
