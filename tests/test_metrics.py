@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from textimg.data import ATTRIBUTES, ShapesDataset, make_caption
-from textimg.metrics import (JUDGE_DIR, MANIFEST, Judge, JudgeConfig, caption_accuracy, labels_of, load_judge,
-                             train_judge)
+from textimg.metrics import (JUDGE_DIR, MANIFEST, Judge, JudgeConfig, caption_accuracy, confusions, labels_of,
+                             load_judge, train_judge)
 from textimg.utils import ChecksumError, sha256_file
 
 
@@ -44,6 +44,25 @@ def test_caption_accuracy_by_hand():
     assert scores == {"shape": 0.75, "color": 0.75, "size": 0.75, "position": 0.75, "all": 0.25}
     assert caption_accuracy(FakeJudge(TRUTH), marked_images(4), TRUTH)["all"] == 1.0
 
+
+
+def test_confusions_count_misreadings_by_hand():
+    truth = torch.cat([TRUTH, TRUTH])  # 8 images: shapes circle, square, triangle, cross, twice
+    truth[5, 2] = 0  # the second square is small
+    answers = truth.clone()
+    answers[[1, 5], 0] = 0  # both squares (a large and a small one) read as circles
+    answers[3, 0] = 4  # the first cross (large) read as a star
+    answers[2, 1] = 5  # a colour error is not a shape error
+    judge, images = FakeJudge(answers), marked_images(8)
+    assert confusions(judge, images, truth, batch_size=3) == [("square", "circle", 2), ("cross", "star", 1)]
+    assert confusions(judge, images, truth, given="size") == [
+        ("large cross", "star", 1), ("large square", "circle", 1), ("small square", "circle", 1)]
+    assert confusions(judge, images, truth, "color") == [("green", "blue", 1)]
+    assert confusions(FakeJudge(truth), images, truth) == []
+    with pytest.raises(ValueError, match="unknown attribute 'hue'"):
+        confusions(judge, images, truth, "hue")
+    with pytest.raises(ValueError, match="8 images but 4"):
+        confusions(judge, images, TRUTH)
 
 def test_captions_and_label_dicts_are_parsed():
     dicts = [dict(zip(ATTRIBUTES, row.tolist())) for row in TRUTH]

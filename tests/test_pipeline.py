@@ -148,12 +148,16 @@ def test_evaluate_pipeline_reports_every_number(pipe):
     assert results["fid"] > results["fid_floor"]  # an untrained generator is far from real images
     assert results["diversity"] >= 0 and results["diversity_real"] > 0
     assert {"psnr_refiner", "psnr_bicubic", "ssim_refiner", "usage", "perplexity"} <= set(results["refiner"])
+    mistakes = results["mistakes"]  # an untrained generator: shape errors, most frequent first
+    assert 1 <= len(mistakes) <= 3 and all(a[-1] >= b[-1] for a, b in zip(mistakes, mistakes[1:]))
+    assert sum(n for *_, n in mistakes) <= round(48 * (1 - results["seen"]["shape"]))
     with pytest.raises(ValueError, match="num_samples must be an int >= 2"):
         evaluate_pipeline(pipe, num_samples=1)
     with pytest.raises(ValueError, match="diversity_captions"):
         evaluate_pipeline(pipe, num_samples=4, diversity_captions=0)
     table = metrics_table(results)
     assert "seen compositions" in table and "real vs real floor" in table and "codebook usage" in table
+    assert f"{mistakes[0][0]} read as {mistakes[0][1]} ({mistakes[0][2]})" in table
 
 
 def test_train_pipeline_resumes_after_an_interruption(tmp_path, monkeypatch):
@@ -180,3 +184,17 @@ def test_train_pipeline_resumes_after_an_interruption(tmp_path, monkeypatch):
     assert (resumed / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
     with pytest.raises(ValueError, match="preset 'quick'"):
         train_pipeline(tmp_path / "b", "cpu", progress=False, log=lambda *a: None)
+
+
+def test_gpu_preset_trains_every_stage_with_its_own_sizes(tmp_path):
+    """The `gpu` recipe's networks and batch sizes go through every stage (a few steps, on the CPU),
+    so a GPU session meets no shape or config error that `quick` and `cpu` would not show."""
+    cfg = PipelineTrainConfig.preset("gpu", num_train=96, refiner_steps=2, refiner_batch_size=4, gan_steps=2,
+                                     refiner_gan_steps=1, checkpoint_every=1)
+    path = train_pipeline(tmp_path / "gpu", "gpu", cfg, device="cpu", progress=False, log=lambda *a: None)
+    pipe = TextToImagePipeline.from_pretrained(path)
+    assert pipe.generator.cfg == GeneratorConfig.preset("gpu", text_dim=pipe.encoder.dim)
+    assert pipe.refiner.cfg == RefinerConfig.preset("gpu", text_cond=True, text_dim=pipe.encoder.dim)
+    images = pipe.generate(PROMPTS, seed=0)
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+    assert json.loads((tmp_path / "gpu" / "train_config.json").read_text())["preset"] == "gpu"

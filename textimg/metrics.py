@@ -171,6 +171,39 @@ def caption_accuracy(judge: nn.Module, images: Tensor, targets: Sequence[str] | 
     return scores
 
 
+def confusions(judge: nn.Module, images: Tensor, targets: Sequence[str] | Sequence[dict] | Tensor,
+               attribute: str = "shape", given: str | None = None, batch_size: int = 256) -> list[tuple[str, str, int]]:
+    """The judge's misreadings of one attribute, most frequent first: where the errors are.
+
+    Args:
+        judge, images, targets, batch_size: as in :func:`caption_accuracy`.
+        attribute: the attribute whose errors are counted (a key of ``ATTRIBUTES``).
+        given: another attribute whose asked value is put before the asked one, so errors can be
+            told apart by it (``given="size"`` gives ``("small star", "cross", 97)``); None: no prefix.
+
+    Returns:
+        [(asked, read, count), ...] for the images whose ``attribute`` the judge read wrong, sorted
+        by count (ties by name); an empty list if there is no error.
+    """
+    for name in (attribute, given):
+        if name is not None and name not in ATTRIBUTES:
+            raise ValueError(f"unknown attribute {name!r}; the attributes are {list(ATTRIBUTES)}")
+    labels = labels_of(targets)  # (N, 4)
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} captions/labels")
+    names = list(ATTRIBUTES)
+    col = names.index(attribute)
+    read = _predict(judge, images, batch_size)[:, col]  # (N,)
+    counts: dict[tuple[str, str], int] = {}
+    for i in torch.nonzero(read != labels[:, col]).flatten().tolist():
+        asked = ATTRIBUTES[attribute][int(labels[i, col])]
+        if given is not None:
+            asked = f"{ATTRIBUTES[given][int(labels[i, names.index(given)])]} {asked}"
+        key = (asked, ATTRIBUTES[attribute][int(read[i])])
+        counts[key] = counts.get(key, 0) + 1
+    return [(asked, got, n) for (asked, got), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
 # -----------------------------------------------------------------------------------------------
 # Training
 

@@ -243,6 +243,8 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
     - ``seen`` / ``heldout``: judge accuracy (per attribute and all four) of the 64x64 images for
       the captions of ``num_samples`` items of the test split (compositions seen in training) and
       of the ``heldout`` split (colour-shape pairs never seen);
+    - ``mistakes``: the three most frequent shape misreadings on the seen set, as [asked (with its
+      size), read, count] (:func:`textimg.metrics.confusions`);
     - ``fid``: the Fréchet distance in the judge's feature space between the images for the test
       captions and the real images of those same items, and ``fid_floor``: the same distance
       between two disjoint sets of ``num_samples`` real test images (what a perfect generator scores);
@@ -260,7 +262,7 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
     prints it. Raises ValueError if num_samples < 2, diversity_captions < 1 or diversity_samples < 2.
     """
     from textimg.data import ShapesDataset, sample_images
-    from textimg.metrics import caption_accuracy, diversity, judge_fid, load_judge, sharpness
+    from textimg.metrics import caption_accuracy, confusions, diversity, judge_fid, load_judge, sharpness
     from textimg.vqvae import evaluate_refiner
 
     for name, value, low in (("num_samples", num_samples, 2), ("diversity_captions", diversity_captions, 1),
@@ -284,6 +286,7 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
     captions = test.captions()[:num_samples]
     fake = pipe.generate(captions, seed=seed) * 2 - 1  # (N, 3, 64, 64) in [-1, 1]
     results["seen"] = caption_accuracy(judge, fake, captions)
+    results["mistakes"] = [list(m) for m in confusions(judge, fake, captions, "shape", given="size")[:3]]
     done()
     held = ShapesDataset(num_samples, split="heldout", seed=seed, cache=False).captions()
     results["heldout"] = caption_accuracy(judge, pipe.generate(held, seed=seed + 1) * 2 - 1, held)
@@ -322,6 +325,9 @@ def metrics_table(results: dict) -> str:
     rows = ["| judge accuracy | " + " | ".join(attrs) + " |", "|---|" + "---|" * len(attrs)]
     for name in ("seen", "heldout"):
         rows.append(f"| {name} compositions | " + " | ".join(f"{100 * results[name][a]:.1f} %" for a in attrs) + " |")
+    if results.get("mistakes"):
+        rows.append("\nMost common shape mistakes (seen): " + ", ".join(
+            f"{asked} read as {read} ({n})" for asked, read, n in results["mistakes"]) + ".")
     rows += ["", "| measure | pipeline | reference |", "|---|---|---|",
              f"| judge-FID (vs real test images) | {results['fid']:.2f} | {results['fid_floor']:.2f} (real vs real floor) |",
              *([f"| Inception FID (standard) | {results['fid_inception']:.2f} | "
@@ -349,7 +355,7 @@ class PipelineTrainConfig(PresetConfig):
     num_train: int = 20_000  # training images (and their captions)
     refiner_steps: int = 2000  # stage 3: the refiner's reconstruction training
     refiner_batch_size: int = 32
-    gan_steps: int = 16_000  # stage 4: the generator against the matching-aware discriminator
+    gan_steps: int = 24_000  # stage 4: the generator against the matching-aware discriminator
     refiner_gan_steps: int = 300  # stage 4: the refiner's adversarial fine-tuning
     checkpoint_every: int = 200  # refiner and GAN steps between resumable checkpoints
     seed: int = 0
