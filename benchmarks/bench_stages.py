@@ -5,7 +5,8 @@
 Figures: dataset rendering (images/s, first pass and cached), text encoding with MiniLM (captions/s,
 without and with the cache), and one regression training step of the generator per preset
 (forward + backward + Adam, batch 64), and one training step of the stage-3 VQ-VAE and refiner per
-preset (batch 32, the package's own `train_vqvae` loop). Each figure is the median of several repeats. The machine
+preset (batch 32, the package's own `train_vqvae` loop), and one `train_gan` step per preset (its
+own batch size). Each figure is the median of several repeats. The machine
 is printed first; quote it with the numbers.
 """
 
@@ -124,13 +125,39 @@ def bench_vqvae_step(batch: int = 32, steps: int = 10) -> dict:
     return out
 
 
+
+def bench_gan_step(steps: int = 10) -> dict:
+    """One `train_gan` step per preset (its own batch size: 16 / 32 / 64): D's step and G's, with the
+    captions' text already cached and the images rendered; median of 3 runs of ``steps`` steps."""
+    from textimg.data import ATTRIBUTES, ShapesDataset
+    from textimg.gan import Discriminator, DiscriminatorConfig, GANTrainConfig, train_gan
+    from textimg.generator import Generator, GeneratorConfig
+    from textimg.text import TextEncoder
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder = TextEncoder("minilm", device=device)
+    data = ShapesDataset(1024, split="train", seed=0, image_size=32).render_all()  # the step, not the renderer
+    encoder.encode_dataset(data.captions())
+    out = {}
+    for preset in ("quick", "cpu", "gpu"):
+        g = Generator(GeneratorConfig.preset(preset, text_dim=encoder.dim))
+        d = Discriminator(DiscriminatorConfig.preset(preset, text_dim=encoder.dim,
+                                                     num_classes=tuple(len(v) for v in ATTRIBUTES.values())))
+        cfg = GANTrainConfig.preset(preset)
+        train_gan(g, d, encoder, data, cfg, steps=3, progress=False, device=device)  # warm-up
+        seconds = statistics.median(train_gan(g, d, encoder, data, cfg, steps=steps, progress=False,
+                                              log_every=steps, device=device)["seconds"] for _ in range(3))
+        out[f"GAN {preset} preset: {g.num_parameters() + d.num_parameters():,} params (G + D), "
+            f"ms/step (batch {cfg.batch_size}, {device})"] = 1000 * seconds / steps
+    return out
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     print(f"machine: {machine()}\n")
     results = {"machine": machine()}
-    for bench in (bench_data, bench_text, bench_generator_step, bench_vqvae_step):
+    for bench in (bench_data, bench_text, bench_generator_step, bench_vqvae_step, bench_gan_step):
         for name, value in bench().items():
             results[name] = round(value, 1)
             print(f"{name:75s} {value:12,.1f}")

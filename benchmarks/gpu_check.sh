@@ -6,13 +6,13 @@
 #     .venv/bin/python -c "from textimg.text import export_encoder; export_encoder('runs/device/minilm')"
 # Then run it with the device tool, one part per call (each fits the 10-minute limit):
 #     run(command="bash benchmarks/gpu_check.sh smoke",     carry=["runs/device/minilm"], timeout_s=120)
-#     run(command="bash benchmarks/gpu_check.sh bench",     carry=["runs/device/minilm"], timeout_s=300)
+#     run(command="bash benchmarks/gpu_check.sh bench",     carry=["runs/device/minilm"], timeout_s=420)
 #     run(command="bash benchmarks/gpu_check.sh notebooks", carry=["runs/device/minilm"], timeout_s=590)
 # Results land in $OUT (the device tool's folder), else runs/device/out.
 #
 # smoke:     the carried encoder and the committed pipeline work on the device (run this first).
 # bench:     machine facts, bench_throughput.py (real vs synthetic vs source loop) in the gpu preset,
-#            and bench_stages.py.
+#            and bench_stages.py (data, text, regression, VQ-VAE, refiner and GAN steps per preset).
 # notebooks: every notebook in the gpu preset (textimg-course), each timed, executed copies kept.
 # gan:       issue 5's run, `textimg train --preset gpu` (20,000 GAN steps; resumable, so repeated calls
 #            continue it), then `textimg evaluate` on the result. Not timed yet: give it its own session.
@@ -52,7 +52,7 @@ PY
   bench)
     timeout 240 python benchmarks/bench_throughput.py --preset gpu --steps 50 --json "$OUT/throughput_gpu.json" \
       2>&1 | tee "$OUT/throughput_gpu.txt"
-    timeout 120 python benchmarks/bench_stages.py --json "$OUT/stages_gpu.json" 2>&1 | tail -30 > "$OUT/stages_gpu.txt"
+    timeout 150 python benchmarks/bench_stages.py --json "$OUT/stages_gpu.json" 2>&1 | tail -30 > "$OUT/stages_gpu.txt"
     ;;
   notebooks)
     for nb in 00 01 02 03 04 05; do
