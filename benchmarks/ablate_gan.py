@@ -5,7 +5,8 @@
 The recipe is `textimg train`'s GAN stage: the source document's L_D (binary cross-entropy, with
 GAN-CLS's mismatched captions) and the non-saturating L_G, spectral norm, DiffAugment (colour,
 translation) and the discriminator's attribute head (AC-GAN). Each variant changes one thing and
-trains from the same seed on the same ``ShapesDataset(20_000, "train", seed=0, image_size=32)``;
+trains from the same seed on the same ``ShapesDataset(20_000, "train", seed=0, image_size=32)``
+(``--num-train``);
 then `evaluate_generator` scores 1,000 test captions at 32x32 (all four attributes, and diversity:
 16 draws of one caption, 16 captions). The machine is printed first; quote it with the numbers.
 Notebook 04 section 6 shows the same fixes at 120 steps, where the symptoms (not the accuracy) differ.
@@ -28,7 +29,7 @@ VARIANTS = {  # name: (GANTrainConfig overrides, DiscriminatorConfig overrides)
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     from bench_stages import machine
 
     from textimg.data import ATTRIBUTES, ShapesDataset
@@ -41,13 +42,14 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu", choices=("quick", "cpu", "gpu"))
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--num-eval", type=int, default=1000)
+    parser.add_argument("--num-train", type=int, default=20_000, help="training images (fewer: a smoke test)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"machine: {machine()}\npreset {args.preset}, {args.steps} GAN steps per variant, {device}\n", flush=True)
 
     encoder = TextEncoder("minilm", device=device)
-    data = ShapesDataset(20_000, split="train", seed=0, image_size=32)
+    data = ShapesDataset(args.num_train, split="train", seed=0, image_size=32)
     encoder.encode_dataset(data.captions())
     judge = load_judge()
     heads = tuple(len(v) for v in ATTRIBUTES.values())
@@ -72,6 +74,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    return results
 
 
 if __name__ == "__main__":
