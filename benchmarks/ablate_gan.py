@@ -32,7 +32,7 @@ VARIANTS = {  # name: (GANTrainConfig overrides, DiscriminatorConfig overrides)
 def main(argv: list[str] | None = None) -> dict:
     from bench_stages import machine
 
-    from textimg.data import ATTRIBUTES, ShapesDataset
+    from textimg.data import NUM_CLASSES, ShapesDataset
     from textimg.gan import Discriminator, DiscriminatorConfig, GANTrainConfig, evaluate_generator, train_gan
     from textimg.generator import Generator, GeneratorConfig
     from textimg.metrics import load_judge
@@ -52,7 +52,6 @@ def main(argv: list[str] | None = None) -> dict:
     data = ShapesDataset(args.num_train, split="train", seed=0, image_size=32)
     encoder.encode_dataset(data.captions())
     judge = load_judge()
-    heads = tuple(len(v) for v in ATTRIBUTES.values())
     results = {"machine": machine(), "preset": args.preset, "steps": args.steps, "device": device, "variants": {}}
     print(f"{'variant':48s}{'shape':>8s}{'all':>8s}{'diversity':>11s}{'ms/step':>9s}", flush=True)
     for name, (train_over, d_over) in VARIANTS.items():
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.manual_seed(0)
             generator = Generator(GeneratorConfig.preset(args.preset, text_dim=encoder.dim))
             discriminator = Discriminator(DiscriminatorConfig.preset(args.preset, text_dim=encoder.dim,
-                                                                     **{"num_classes": heads, **d_over}))
+                                                                     **{"num_classes": NUM_CLASSES, **d_over}))
         cfg = GANTrainConfig.preset(args.preset, seed=0, **train_over)
         start = time.perf_counter()
         train_gan(generator, discriminator, encoder, data, cfg, steps=args.steps, progress=False,

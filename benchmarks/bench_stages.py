@@ -129,7 +129,7 @@ def bench_vqvae_step(batch: int = 32, steps: int = 10) -> dict:
 def bench_gan_step(steps: int = 10) -> dict:
     """One `train_gan` step per preset (its own batch size: 16 / 32 / 64): D's step and G's, with the
     captions' text already cached and the images rendered; median of 3 runs of ``steps`` steps."""
-    from textimg.data import ATTRIBUTES, ShapesDataset
+    from textimg.data import NUM_CLASSES, ShapesDataset
     from textimg.gan import Discriminator, DiscriminatorConfig, GANTrainConfig, train_gan
     from textimg.generator import Generator, GeneratorConfig
     from textimg.text import TextEncoder
@@ -141,8 +141,7 @@ def bench_gan_step(steps: int = 10) -> dict:
     out = {}
     for preset in ("quick", "cpu", "gpu"):
         g = Generator(GeneratorConfig.preset(preset, text_dim=encoder.dim))
-        d = Discriminator(DiscriminatorConfig.preset(preset, text_dim=encoder.dim,
-                                                     num_classes=tuple(len(v) for v in ATTRIBUTES.values())))
+        d = Discriminator(DiscriminatorConfig.preset(preset, text_dim=encoder.dim, num_classes=NUM_CLASSES))
         cfg = GANTrainConfig.preset(preset)
         train_gan(g, d, encoder, data, cfg, steps=3, progress=False, device=device)  # warm-up
         seconds = statistics.median(train_gan(g, d, encoder, data, cfg, steps=steps, progress=False,

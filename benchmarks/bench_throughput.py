@@ -39,13 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_stages import machine  # noqa: E402
 
 from textimg.config import get_preset  # noqa: E402
-from textimg.data import ShapesDataset  # noqa: E402
+from textimg.data import NUM_CLASSES, ShapesDataset  # noqa: E402
 from textimg.gan import (Discriminator, DiscriminatorConfig, GANTrainConfig, _amp_dtype, _autocast, d_step,  # noqa: E402
                          g_step, train_gan)
 from textimg.generator import Generator, GeneratorConfig  # noqa: E402
 from textimg.text import TextEncoder, TextEncoding, masked_mean  # noqa: E402
 
-NUM_CLASSES = tuple(len(words) for words in ShapesDataset.ATTRIBUTES.values())
 
 
 def _sync(device: torch.device) -> None:

@@ -40,6 +40,7 @@ ATTRIBUTES: dict[str, list[str]] = {
     "position": ["top left", "top", "top right", "left", "center", "right",
                  "bottom left", "bottom", "bottom right"],
 }
+NUM_CLASSES: tuple[int, ...] = tuple(len(words) for words in ATTRIBUTES.values())  # (6, 8, 2, 9), in ATTRIBUTES order
 
 # RGB of each colour at full brightness: saturated, bright, and far apart (purple leans magenta so
 # it never passes for blue), so that a small CNN judge separates them on the dark background.

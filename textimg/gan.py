@@ -1026,7 +1026,7 @@ def train_and_save_gan(preset: str = "cpu", steps: int = 6000, refiner_steps: in
     ``refiner_steps``; measures both on 2,000 test captions with the committed judge and saves
     them with the facts. Returns the facts.
     """
-    from textimg.data import ShapesDataset
+    from textimg.data import NUM_CLASSES, ShapesDataset
     from textimg.generator import GeneratorConfig
     from textimg.metrics import load_judge
     from textimg.text import TextEncoder
@@ -1035,11 +1035,10 @@ def train_and_save_gan(preset: str = "cpu", steps: int = 6000, refiner_steps: in
     encoder = TextEncoder("minilm")
     data32 = ShapesDataset(num_train, split="train", seed=seed, image_size=32)
     encoder.encode_dataset(data32.captions(), progress=progress)
-    num_classes = tuple(len(words) for words in ShapesDataset.ATTRIBUTES.values())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         generator = Generator(GeneratorConfig.preset(preset, text_dim=encoder.dim))
-        discriminator = Discriminator(DiscriminatorConfig.preset(preset, text_dim=encoder.dim, num_classes=num_classes))
+        discriminator = Discriminator(DiscriminatorConfig.preset(preset, text_dim=encoder.dim, num_classes=NUM_CLASSES))
     cfg = GANTrainConfig.preset(preset, seed=seed)
     history = train_gan(generator, discriminator, encoder, data32, cfg, steps=steps, progress=progress,
                         log_every=100, device=device)

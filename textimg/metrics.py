@@ -149,6 +149,14 @@ def labels_of(targets: Sequence[str] | Sequence[dict] | Tensor) -> Tensor:
     return torch.tensor([[row[a] for a in ATTRIBUTES] for row in rows], dtype=torch.long)
 
 
+def _readings(judge: nn.Module, images: Tensor, targets, batch_size: int) -> tuple[Tensor, Tensor]:
+    """What the judge reads from N images and what their targets ask for: two LongTensors (N, 4)."""
+    labels = labels_of(targets)  # (N, 4)
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} captions/labels")
+    return _predict(judge, images, batch_size), labels
+
+
 def caption_accuracy(judge: nn.Module, images: Tensor, targets: Sequence[str] | Sequence[dict] | Tensor,
                      batch_size: int = 256) -> dict[str, float]:
     """How often the judge reads, from each image, the attributes its caption asked for.
@@ -162,10 +170,8 @@ def caption_accuracy(judge: nn.Module, images: Tensor, targets: Sequence[str] | 
     Returns:
         {"shape", "color", "size", "position": fraction right, "all": fraction with all four right}.
     """
-    labels = labels_of(targets)  # (N, 4)
-    if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} captions/labels")
-    right = _predict(judge, images, batch_size) == labels  # (N, 4) bool
+    read, labels = _readings(judge, images, targets, batch_size)  # (N, 4) each
+    right = read == labels  # (N, 4) bool
     scores = {a: right[:, i].float().mean().item() for i, a in enumerate(ATTRIBUTES)}
     scores["all"] = right.all(dim=1).float().mean().item()
     return scores
@@ -188,12 +194,10 @@ def confusions(judge: nn.Module, images: Tensor, targets: Sequence[str] | Sequen
     for name in (attribute, given):
         if name is not None and name not in ATTRIBUTES:
             raise ValueError(f"unknown attribute {name!r}; the attributes are {list(ATTRIBUTES)}")
-    labels = labels_of(targets)  # (N, 4)
-    if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} captions/labels")
+    read, labels = _readings(judge, images, targets, batch_size)  # (N, 4) each
     names = list(ATTRIBUTES)
     col = names.index(attribute)
-    read = _predict(judge, images, batch_size)[:, col]  # (N,)
+    read = read[:, col]  # (N,)
     counts: dict[tuple[str, str], int] = {}
     for i in torch.nonzero(read != labels[:, col]).flatten().tolist():
         asked = ATTRIBUTES[attribute][int(labels[i, col])]

@@ -393,7 +393,7 @@ def train_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: PipelineTrainC
     Returns:
         the pipeline's directory, ``out_dir/pipeline``.
     """
-    from textimg.data import ShapesDataset
+    from textimg.data import NUM_CLASSES, ShapesDataset
     from textimg.gan import (Discriminator, DiscriminatorConfig, GANTrainConfig, PatchDiscriminator,
                              PatchDiscriminatorConfig, finetune_refiner, load_generator, save_generator, train_gan)
     from textimg.vqvae import load_refiner, save_refiner, train_refiner
@@ -442,12 +442,11 @@ def train_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: PipelineTrainC
 
     log(f"[3/5] gan: {cfg.gan_steps} adversarial steps" + (" (done, skipped)" if done("generator") else ""))
     if not done("generator"):
-        num_classes = tuple(len(words) for words in ShapesDataset.ATTRIBUTES.values())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             generator = Generator(GeneratorConfig.preset(preset, text_dim=encoder.dim))
             discriminator = Discriminator(DiscriminatorConfig.preset(preset, text_dim=encoder.dim,
-                                                                     num_classes=num_classes))
+                                                                     num_classes=NUM_CLASSES))
         gan_cfg = GANTrainConfig.preset(preset, seed=cfg.seed)
         history = train_gan(generator, discriminator, encoder, data32, gan_cfg, steps=cfg.gan_steps,
                             checkpoint_dir=out / "gan", checkpoint_every=cfg.checkpoint_every, resume=True,

