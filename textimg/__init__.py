@@ -15,7 +15,7 @@ Shared helpers live in ``config.py`` (presets), ``utils.py`` (seeding, device, c
 ``viz.py`` (image grids) and ``checks.py`` (self-checking exercises).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The repository URL lives here and only here: notebooks build their "Open in Colab" badge and
 # their Colab install line from it, so a fork changes one line.

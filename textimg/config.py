@@ -14,11 +14,19 @@ constructor, so a notebook's parameters cell reads ``cfg = SomeConfig.preset(PRE
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
 PRESETS = ("quick", "cpu", "gpu")
 ENV_VAR = "TEXTIMG_PRESET"
+
+# The committed checkpoints: the layout `textimg train` writes (see checkpoints/README.md)
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+MANIFEST = CHECKPOINTS / "MANIFEST.json"  # SHA-256 of every committed file
+JUDGE_DIR = CHECKPOINTS / "judge"  # the attribute classifier that scores images (textimg train-judge)
+REFINER_DIR = CHECKPOINTS / "refiner"  # stage 3: the refiner trained on reconstruction (notebook 03)
+PIPELINE_DIR = CHECKPOINTS / "pipeline"  # the whole pipeline: pipeline.json, generator/, refiner/
 
 
 def check_preset(name: str) -> str:
@@ -45,26 +53,22 @@ def get_preset(preset: str | None = None) -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
-def _repo_root() -> "Path | None":
+def _repo_root() -> Path | None:
     """The course repository's root when the package runs from a clone, else None."""
-    from pathlib import Path
-
     repo = Path(__file__).resolve().parent.parent
     return repo if (repo / "pyproject.toml").is_file() and (repo / "data").is_dir() else None
 
 
-def cache_dir() -> "Path":
+def cache_dir() -> Path:
     """Where rendered caches and text-encoding caches go: $TEXTIMG_CACHE, else ``data/cache`` of the
     course repository when the package runs from a clone, else ``~/.cache/textimg``."""
-    from pathlib import Path
-
     if os.environ.get("TEXTIMG_CACHE"):
         return Path(os.environ["TEXTIMG_CACHE"]).expanduser()
     repo = _repo_root()
     return repo / "data" / "cache" if repo else Path.home() / ".cache" / "textimg"
 
 
-def models_dir(preset: str | None = None) -> "Path":
+def models_dir(preset: str | None = None) -> Path:
     """Where the learner's own trained models go (one folder per stage): $TEXTIMG_MODELS, else
     ``runs/models`` of the course repository (git-ignored), else ``~/.cache/textimg/models``.
 
@@ -73,8 +77,6 @@ def models_dir(preset: str | None = None) -> "Path":
     ``cpu`` or ``gpu``. ``preset`` overrides the preset in force (``textimg train --preset``). A notebook that needs an earlier stage's model looks here first, then falls
     back to the committed checkpoint in ``checkpoints/``.
     """
-    from pathlib import Path
-
     if os.environ.get("TEXTIMG_MODELS"):
         return Path(os.environ["TEXTIMG_MODELS"]).expanduser()
     repo = _repo_root()
@@ -94,7 +96,7 @@ class PresetConfig:
     @classmethod
     def preset(cls, name: str, **overrides):
         """The config of a preset ("quick", "cpu" or "gpu"), with any field overridden by keyword."""
-        return cls.from_dict({**cls.SIZES[check_preset(name)], **overrides})
+        return cls.from_dict({**cls.SIZES.get(check_preset(name), {}), **overrides})
 
     def to_dict(self) -> dict:
         from dataclasses import asdict

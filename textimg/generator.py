@@ -28,8 +28,8 @@ The norms are GroupNorm, computed per sample, so an image never depends on the o
 batch (BatchNorm's batch statistics would make it depend on them, in training mode).
 
 Reading order: GeneratorConfig, the blocks (ConditioningAugmentation, ConditionalNorm2d, UpBlock,
-SelfAttention2d, WordCrossAttention), Generator, then the regression baseline (regression_loss,
-train_regression) and sample.
+SelfAttention2d, WordCrossAttention), Generator, sample, then the regression baseline
+(regression_loss, RegressionConfig, train_regression).
 """
 
 from __future__ import annotations
@@ -43,9 +43,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from textimg.config import PresetConfig
 from textimg.text import TextEncoding
+from textimg.training import BatchOrder, make_accelerator, unwrap
+from textimg.utils import ModelMixin, evaluating
 
 # -----------------------------------------------------------------------------------------------
 # Configuration
@@ -210,8 +213,13 @@ class GeneratorOutput(NamedTuple):
     attention: dict[str, Tensor]  # "cross": (B, 256, T), "self": (B, 256, 256) at 16x16, when asked
 
 
-class Generator(nn.Module):
-    """Noise z (B, z_dim) + a TextEncoding -> image (B, 3, 32, 32) in [-1, 1]. See the module docstring."""
+class Generator(ModelMixin, nn.Module):
+    """Noise z (B, z_dim) + a TextEncoding -> image (B, 3, 32, 32) in [-1, 1]. See the module docstring.
+
+    Saved and loaded with ``save_pretrained(directory)`` / ``Generator.from_pretrained(directory)``.
+    """
+
+    config_class = GeneratorConfig
 
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
@@ -230,9 +238,6 @@ class Generator(nn.Module):
         self.self_attn = SelfAttention2d(2 * ch) if cfg.self_attention else None
         self.up32 = UpBlock(2 * ch, ch, norm_cond, cfg.transposed)
         self.to_rgb = nn.Conv2d(ch, 3, kernel_size=3, padding=1)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def text_code(self, pooled: Tensor, rng: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """The sentence vector (B, text_dim) -> text code c (B, cond_dim) and the KL term (scalar)."""
@@ -268,9 +273,26 @@ class Generator(nn.Module):
         image = torch.tanh(self.to_rgb(x))  # (B, 3, 32, 32) in [-1, 1]
         return GeneratorOutput(image, kl, attention if return_attention else {})
 
-    def forward(self, z: Tensor, text: TextEncoding, rng: torch.Generator | None = None) -> Tensor:
-        """Returns the image (B, 3, 32, 32) in [-1, 1] for noise z (B, z_dim) and a TextEncoding."""
-        return self.forward_with_aux(z, text, rng).image
+    def forward(self, z: Tensor, text: TextEncoding, rng: torch.Generator | None = None,
+                return_aux: bool = False) -> Tensor | GeneratorOutput:
+        """The image (B, 3, 32, 32) in [-1, 1] for noise z (B, z_dim) and a TextEncoding; with
+        ``return_aux`` the whole :class:`GeneratorOutput` (training needs its KL term)."""
+        out = self.forward_with_aux(z, text, rng)
+        return out if return_aux else out.image
+
+
+@torch.no_grad()
+def sample(generator: Generator, encoder, captions: list[str], seed: int = 0) -> Tensor:
+    """One image per caption, in eval mode, with z drawn from ``torch.Generator().manual_seed(seed)``.
+
+    z is drawn on the CPU and the global RNG is not touched, so a seed gives the same images on
+    every device; in eval mode conditioning augmentation uses its mean, so z is the only noise.
+    Returns float (B, 3, 32, 32) in [-1, 1], on the generator's device.
+    """
+    device = next(generator.parameters()).device
+    z = torch.randn(len(captions), generator.cfg.z_dim, generator=torch.Generator().manual_seed(seed))
+    with evaluating(generator):
+        return generator(z.to(device), encoder.encode(list(captions)).to(device))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -278,87 +300,62 @@ class Generator(nn.Module):
 
 
 def regression_loss(x_fake: Tensor, x_real: Tensor) -> Tensor:
-    """Mean squared pixel error.
-
-    Why L2: for a caption that stands for many images, the image minimising the expected squared
-    error is their per-pixel *mean*, the blurry average a notebook can compute and show. (L1's
-    minimiser is the per-pixel median, which on these shapes is a crisp "majority" shape and would
-    hide the lesson.) Either way the loss rewards one average answer, not a sample, so z is ignored.
-    """
+    """Mean squared pixel error. Its minimiser, for a caption that stands for many images, is their
+    per-pixel *mean*: the blurry average notebook 02 shows. The loss rewards one answer, so z is ignored."""
     return F.mse_loss(x_fake, x_real)
 
 
-def train_regression(generator: Generator, encoder, dataset, steps: int = 500, batch_size: int = 64,
-                     lr: float = 2e-3, device: str | torch.device | None = None, seed: int = 0,
-                     kl_weight: float = 1e-3, progress: bool = True, log_every: int = 10) -> dict[str, list]:
-    """Trains the generator with :func:`regression_loss` (+ ``kl_weight`` * KL) on (caption, image) pairs.
+@dataclass
+class RegressionConfig(PresetConfig):
+    batch_size: int = 64  # (caption, image) pairs per step
+    lr: float = 2e-3  # Adam's learning rate (betas 0.5, 0.999)
+    kl_weight: float = 1e-3  # conditioning augmentation's KL: the pixel loss is small (~0.03), so at 1.0 the
+    #                          KL would win, collapse the text code to N(0, I), and the caption would be ignored
+    seed: int = 0  # seeds the batch order, z and the augmentation noise (the global RNG is not touched)
+
+
+def train_regression(generator: Generator, encoder, dataset, cfg: RegressionConfig | None = None, steps: int = 500,
+                     device: str | torch.device | None = None, progress: bool = True,
+                     log_every: int = 10) -> dict[str, list]:
+    """Trains the generator with :func:`regression_loss` (+ ``cfg.kl_weight`` * KL) on (caption, image) pairs.
 
     Args:
-        generator: a Generator (moved to ``device`` here).
+        generator: a Generator (trained in place).
         encoder: a TextEncoder; its cache makes each distinct caption cost one encoding.
-        dataset: items {"image": (3, 32, 32) in [-1, 1], "caption": str}, e.g.
-            ``ShapesDataset(n, image_size=32)``.
-        steps, batch_size, lr: Adam steps, images per step, learning rate.
+        dataset: items {"image": (3, 32, 32) in [-1, 1], "caption": str}, e.g. ``ShapesDataset(n, image_size=32)``.
+        cfg: a RegressionConfig (default ``RegressionConfig()``). steps: Adam steps.
         device: where to train; None keeps the generator's device.
-        seed: seeds the batch order, z and the augmentation noise (one torch.Generator; the global
-            RNG is not touched), so a run repeats exactly.
-        kl_weight: weight of conditioning augmentation's KL term. Set it against the pixel loss,
-            which is small here (MSE ~0.02-0.05, the images being mostly background): at 1.0 the
-            KL wins, the text code collapses to N(0, I) and the generator ignores the caption.
-        progress: show a tqdm bar.
-        log_every: record the losses every this many steps (and at the last step).
+        progress: show a progress bar. log_every: record the losses every this many steps (and the last).
 
     Returns:
         {"step": [...], "loss": [...], "pixel": [...], "kl": [...], "seconds": float}.
     """
-    device = torch.device(device) if device is not None else next(generator.parameters()).device
-    generator.to(device).train()
-    rng = torch.Generator().manual_seed(seed)  # CPU: the same run on every device
-    opt = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.5, 0.999))
+    cfg = cfg or RegressionConfig()
+    accelerator = make_accelerator(device or next(generator.parameters()).device, amp=False)
+    rng = torch.Generator().manual_seed(cfg.seed)  # CPU: the same run on every device
+    G, opt = accelerator.prepare(generator, torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=(0.5, 0.999)))
+    G.train()
+    batches = BatchOrder(len(dataset), cfg.batch_size, rng=rng)
     history = {"step": [], "loss": [], "pixel": [], "kl": []}
-    order = torch.randperm(len(dataset), generator=rng)
-    pos, start = 0, time.perf_counter()
-    bar = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(bar, desc="regression", unit="step")
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="regression", unit="step", disable=not progress)
     for step in bar:
-        if pos + batch_size > len(order):  # a new epoch, a new order
-            order, pos = torch.randperm(len(dataset), generator=rng), 0
-        items = [dataset[int(i)] for i in order[pos:pos + batch_size]]  # B dicts
-        pos += batch_size
-        x_real = torch.stack([it["image"] for it in items]).to(device)  # (B, 3, 32, 32)
-        text = encoder.encode([it["caption"] for it in items]).to(device)  # TextEncoding, B captions
-        z = torch.randn(len(items), generator.cfg.z_dim, generator=rng).to(device)  # (B, z_dim)
+        items = [dataset[int(i)] for i in batches.next()]  # B dicts
+        x_real = torch.stack([it["image"] for it in items]).to(accelerator.device)  # (B, 3, 32, 32)
+        text = encoder.encode([it["caption"] for it in items]).to(accelerator.device)  # TextEncoding, B captions
+        z = torch.randn(len(items), generator.cfg.z_dim, generator=rng).to(accelerator.device)  # (B, z_dim)
 
-        x_fake, kl, _ = generator.forward_with_aux(z, text, rng=rng)
+        x_fake, kl, _ = G(z, text, rng=rng, return_aux=True)
         pixel = regression_loss(x_fake, x_real)
-        loss = pixel + kl_weight * kl
+        loss = pixel + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        accelerator.backward(loss)
         opt.step()
 
         if step % log_every == 0 or step == steps - 1:
             for key, value in (("step", step), ("loss", loss.item()), ("pixel", pixel.item()), ("kl", kl.item())):
                 history[key].append(value)
-            if progress:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    unwrap(accelerator, G)
     history["seconds"] = time.perf_counter() - start
     return history
-
-
-@torch.no_grad()
-def sample(generator: Generator, encoder, captions: list[str], seed: int = 0) -> Tensor:
-    """Generates one image per caption, in eval mode, with z drawn from ``torch.Generator().manual_seed(seed)``.
-
-    The global RNG is not touched, and z is drawn on the CPU, so a seed gives the same images on
-    every device; in eval mode conditioning augmentation uses its mean, so z is the only noise. Returns float (B, 3, 32, 32) in [-1, 1], on the generator's device.
-    """
-    device = next(generator.parameters()).device
-    z = torch.randn(len(captions), generator.cfg.z_dim, generator=torch.Generator().manual_seed(seed))
-    was_training = generator.training
-    generator.eval()
-    try:
-        return generator(z.to(device), encoder.encode(list(captions)).to(device))
-    finally:
-        generator.train(was_training)

@@ -13,14 +13,14 @@ The judge works at 64x64; 32x32 images are resized up with bilinear interpolatio
 :meth:`Judge.forward`. It is trained on a mix of native 64x64 images and 64->32->64 round-tripped
 ones, so it is fair to both sizes.
 
-Reading order: JudgeConfig, Judge, caption_accuracy, train_judge, then saving and loading.
+Reading order: JudgeConfig, Judge, caption_accuracy and confusions, train_judge and make_judge (what
+``textimg train-judge`` runs), PSNR / SSIM and codebook statistics, diversity, judge-FID, sharpness.
 """
 
 from __future__ import annotations
 
-import datetime
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -28,21 +28,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from textimg.config import JUDGE_DIR, PresetConfig
 from textimg.data import ATTRIBUTES, ShapesDataset, parse_caption, render_shape
-from textimg.utils import count_parameters, load_pretrained_state, save_pretrained_module
-
-CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"  # the repository's committed checkpoints
-JUDGE_DIR = CHECKPOINTS / "judge"
-MANIFEST = CHECKPOINTS / "MANIFEST.json"
+from textimg.training import BatchOrder, make_accelerator, run_facts, unwrap
+from textimg.utils import ModelMixin, evaluating, manifest_for, seeded
 
 # -----------------------------------------------------------------------------------------------
 # The judge
 
 
 @dataclass
-class JudgeConfig:
-    channels: tuple[int, ...] = (32, 64, 128, 128)  # widths of the stride-2 convs: 64 -> 32, 16, 8, 4 pixels
+class JudgeConfig(PresetConfig):
+    channels: tuple = (32, 64, 128, 128)  # widths of the stride-2 convs: 64 -> 32, 16, 8, 4 pixels
     feature_dim: int = 128  # size of the penultimate features (for FID / diversity)
     image_size: int = 64  # working size: other sizes are resized to it (bilinear)
     # training (train_judge)
@@ -55,26 +54,13 @@ class JudgeConfig:
     roundtrip_prob: float = 0.5  # fraction of training images made 32x32 and back (fair to 32x32 inputs)
     noise_std: float = 0.02  # Gaussian pixel noise added in training (robustness to generated images)
     eval_every: int = 500  # validate every this many steps
+    seed: int = 0  # seeds the weights, the images' order and the augmentation
 
-    @classmethod
-    def preset(cls, name: str) -> "JudgeConfig":
-        """"default" (the committed judge) or "quick" (a seconds-long run, for tests)."""
-        if name == "default":
-            return cls()
-        if name == "quick":
-            return cls(num_train=512, num_val=128, steps=20, batch_size=32, eval_every=10)
-        raise ValueError(f"unknown judge preset {name!r}: choose 'default' or 'quick'")
+    # the committed judge is the "cpu" one; the same instrument serves every preset
+    SIZES = {"quick": dict(num_train=512, num_val=128, steps=20, batch_size=32, eval_every=10)}
 
-    def to_dict(self) -> dict:
-        return asdict(self) | {"channels": list(self.channels)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "JudgeConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown JudgeConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**{**d, **({"channels": tuple(d["channels"])} if "channels" in d else {})})
+    def __post_init__(self):
+        self.channels = tuple(int(c) for c in self.channels)  # a JSON list becomes a tuple again
 
 
 def resize(images: Tensor, size: int) -> Tensor:
@@ -84,12 +70,15 @@ def resize(images: Tensor, size: int) -> Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
 
 
-class Judge(nn.Module):
-    """A small CNN that reads the four attributes off an image.
+class Judge(ModelMixin, nn.Module):
+    """A small CNN that reads the four attributes off an image. ``Judge.from_pretrained(JUDGE_DIR)``
+    loads the committed one (:func:`load_judge`).
 
     ``forward(x)`` takes images (B, 3, H, W) in [-1, 1] (64x64 or 32x32; any size is resized to
     ``cfg.image_size``) and returns a dict attribute -> logits (B, number of values).
     """
+
+    config_class = JudgeConfig
 
     def __init__(self, cfg: JudgeConfig):
         super().__init__()
@@ -121,18 +110,13 @@ class Judge(nn.Module):
 
 def _predict(judge: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
     """Argmax labels (N, 4) of any module returning attribute -> logits, run in eval mode, batched."""
-    was_training = judge.training
-    judge.eval()
-    try:
-        device = next(judge.parameters(), torch.empty(0)).device
-        preds = []
-        with torch.no_grad():
-            for start in range(0, images.shape[0], batch_size):
-                logits = judge(images[start:start + batch_size].to(device))
-                preds.append(torch.stack([logits[a].argmax(-1) for a in ATTRIBUTES], dim=1).cpu())  # (b, 4)
-        return torch.cat(preds)  # (N, 4)
-    finally:
-        judge.train(was_training)
+    device = next(judge.parameters(), torch.empty(0)).device
+    preds = []
+    with evaluating(judge), torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            logits = judge(images[start:start + batch_size].to(device))
+            preds.append(torch.stack([logits[a].argmax(-1) for a in ATTRIBUTES], dim=1).cpu())  # (b, 4)
+    return torch.cat(preds)  # (N, 4)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -233,8 +217,8 @@ def roundtrip_32(x: Tensor) -> Tensor:
     return resize(F.avg_pool2d(x, 2), x.shape[-1])
 
 
-def train_judge(cfg: JudgeConfig | None = None, steps: int | None = None, seed: int = 0,
-                device: str | torch.device | None = None, progress: bool = True) -> tuple[Judge, dict]:
+def train_judge(cfg: JudgeConfig | None = None, device: str | torch.device | None = None,
+                progress: bool = True) -> tuple[Judge, dict]:
     """Trains a judge on rendered training images; validates on the val split.
 
     The training images use ``holdout=False``: every (color, shape) pair, the held-out ones too.
@@ -242,59 +226,50 @@ def train_judge(cfg: JudgeConfig | None = None, steps: int | None = None, seed: 
     when it scores a generator on them later.
 
     Args:
-        cfg: a JudgeConfig (default: the committed judge's).
-        steps: overrides ``cfg.steps``.
-        seed: seeds the weights, batch order and augmentation (the global RNG is not touched).
+        cfg: a JudgeConfig (default: the committed judge's). Its seed seeds the weights, batch order
+            and augmentation (the global RNG is not touched).
         device: where to train (default CPU).
-        progress: tqdm bars.
+        progress: progress bars.
 
     Returns:
-        (judge in eval mode on ``device``, history {"step", "loss", "val_all_64", "val_all_32", "seconds"}).
+        (judge in eval mode, history {"step", "loss", "val_all_64", "val_all_32", "seconds"}).
     """
     cfg = cfg or JudgeConfig()
-    steps = steps or cfg.steps
-    device = torch.device(device or "cpu")
-    with torch.random.fork_rng(devices=[]):  # the weights come from `seed`; the global RNG is untouched
-        torch.manual_seed(seed)
+    with seeded(cfg.seed):
         judge = Judge(cfg)
-    judge.to(device).train()
-    x_train, y_train = real_images(cfg.num_train, "train", seed, holdout=False, progress=progress)
-    x_val, y_val = real_images(cfg.num_val, "val", seed, holdout=False)
+    accelerator = make_accelerator(device or "cpu", amp=False)
+    x_train, y_train = real_images(cfg.num_train, "train", cfg.seed, holdout=False, progress=progress)
+    x_val, y_val = real_images(cfg.num_val, "val", cfg.seed, holdout=False)
     x_val = _to_float(x_val)  # (N_val, 3, 64, 64)
 
-    rng = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(judge.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
+    rng = torch.Generator().manual_seed(cfg.seed)
+    net, opt = accelerator.prepare(judge, torch.optim.AdamW(judge.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
+    batches = BatchOrder(cfg.num_train, cfg.batch_size, rng=rng)
     history = {"step": [], "loss": [], "val_all_64": [], "val_all_32": []}
-    order, pos, start = torch.randperm(cfg.num_train, generator=rng), 0, time.perf_counter()
-    bar = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(bar, desc="training the judge", unit="step")
+    start = time.perf_counter()
+    net.train()
+    bar = tqdm(range(cfg.steps), desc="training the judge", unit="step", disable=not progress)
     for step in bar:
-        if pos + cfg.batch_size > cfg.num_train:
-            order, pos = torch.randperm(cfg.num_train, generator=rng), 0
-        idx = order[pos:pos + cfg.batch_size]
-        pos += cfg.batch_size
+        idx = batches.next()
         x = _to_float(x_train[idx])  # (B, 3, 64, 64)
         small = torch.rand(x.shape[0], generator=rng) < cfg.roundtrip_prob  # (B,) which to round-trip
         x = torch.where(small[:, None, None, None], roundtrip_32(x), x)
         x = x + cfg.noise_std * torch.randn(x.shape, generator=rng)
-        logits = judge(x.to(device))
-        y = y_train[idx].to(device)  # (B, 4)
+        logits = net(x.to(accelerator.device))
+        y = y_train[idx].to(accelerator.device)  # (B, 4)
         loss = sum(F.cross_entropy(logits[a], y[:, i]) for i, a in enumerate(ATTRIBUTES))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        accelerator.backward(loss)
         opt.step()
         schedule.step()
-        if step % cfg.eval_every == 0 or step == steps - 1:
+        if step % cfg.eval_every == 0 or step == cfg.steps - 1:
             history["step"].append(step)
             history["loss"].append(loss.item())
             history["val_all_64"].append(caption_accuracy(judge, x_val, y_val)["all"])
             history["val_all_32"].append(caption_accuracy(judge, roundtrip_32(x_val), y_val)["all"])
-            judge.train()
-            if progress:
-                bar.set_postfix(loss=f"{loss.item():.3f}", val64=f"{history['val_all_64'][-1]:.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", val64=f"{history['val_all_64'][-1]:.3f}")
+    unwrap(accelerator, net)
     history["seconds"] = time.perf_counter() - start
     return judge.eval(), history
 
@@ -307,56 +282,27 @@ def evaluate_judge(judge: nn.Module, num_samples: int = 2000, split: str = "test
     return caption_accuracy(judge, images, ds.labels_tensor())
 
 
-# -----------------------------------------------------------------------------------------------
-# The committed checkpoint
+def load_judge(directory: str | Path = JUDGE_DIR) -> Judge:
+    """The committed judge (or one ``textimg train-judge`` saved), checked against its SHA-256 sums,
+    on the CPU in eval mode, with ``requires_grad`` off: it is an instrument, never trained further."""
+    return Judge.from_pretrained(directory).requires_grad_(False)
 
 
-def save_judge(judge: Judge, directory: str | Path = JUDGE_DIR, facts: dict | None = None,
-               manifest: str | Path | None = MANIFEST) -> Path:
-    """Writes the judge (model.safetensors + config.json with ``facts``) and records both files'
-    SHA-256 in ``manifest`` (None: no manifest)."""
-    return save_pretrained_module(judge, {"model": "Judge", "config": judge.cfg.to_dict(), **(facts or {})},
-                                  directory, manifest)
-
-
-def load_judge(directory: str | Path = JUDGE_DIR, manifest: str | Path | None = MANIFEST) -> Judge:
-    """Loads the committed judge (or one saved by :func:`save_judge`), checking its files' SHA-256.
-
-    Safe: the weights are safetensors, so no pickled code can run. The judge is returned on the
-    CPU, in eval mode, with ``requires_grad`` off (it is an instrument, never trained further).
-
-    Raises:
-        FileNotFoundError, ChecksumError or ValueError naming the missing, changed or corrupted file.
-    """
-    state, config = load_pretrained_state(directory, manifest)
-    judge = Judge(JudgeConfig.from_dict(config["config"]))
-    judge.load_state_dict(state)
-    return judge.eval().requires_grad_(False)
-
-
-def train_and_save_judge(directory: str | Path = JUDGE_DIR, seed: int = 0, device: str | torch.device | None = None,
-                         progress: bool = True) -> dict:
-    """Trains the judge with the default JudgeConfig, measures it, and saves it with the facts.
-
-    This is how ``checkpoints/judge`` was made: ``python -m textimg.metrics``. Returns the facts.
-    """
-    cfg = JudgeConfig()
-    judge, history = train_judge(cfg, seed=seed, device=device, progress=progress)
+def make_judge(directory: str | Path = JUDGE_DIR, cfg: JudgeConfig | None = None, command: str = "textimg train-judge",
+               device: str | torch.device | None = None, progress: bool = True) -> Judge:
+    """Trains a judge, measures it on 2,000 real images per split and size, and saves it to ``directory``
+    with those facts (and the manifest's sums, for the committed folder). What ``textimg train-judge`` runs."""
+    cfg = cfg or JudgeConfig()
+    judge, history = train_judge(cfg, device=device, progress=progress)
     judge.cpu()
-    accuracy = {f"{split}_{size}": evaluate_judge(judge, 2000, split, size)
-                for split in ("test", "heldout") for size in (64, 32)}
-    facts = {
-        "training": {"function": "textimg.metrics.train_and_save_judge", "seed": seed, "steps": cfg.steps,
-                     "seconds": round(history["seconds"], 1), "device": str(device or "cpu"),
-                     "final_loss": round(history["loss"][-1], 5), "val_all_64": history["val_all_64"][-1],
-                     "val_all_32": history["val_all_32"][-1], "torch": torch.__version__,
-                     "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat()},
-        "accuracy": {"note": "caption_accuracy on 2000 real images per split (seed 0), 64x64 and 32x32",
-                     **accuracy},
-        "parameters": count_parameters(judge),
-    }
-    save_judge(judge, directory, facts, Path(directory).parent / MANIFEST.name)
-    return facts
+    accuracy = {f"{split}_{size}": evaluate_judge(judge, 2000, split, size) for split in ("test", "heldout")
+                for size in (64, 32)}
+    facts = run_facts(device, command=command, steps=cfg.steps, seconds=history["seconds"], history=history,
+                      parameters=judge.num_parameters(),
+                      test={"note": "caption_accuracy on 2000 real images per split (seed 0), 64x64 and 32x32",
+                            **accuracy})
+    judge.save_pretrained(directory, {"training": facts}, manifest=manifest_for(directory))
+    return judge
 
 
 # -----------------------------------------------------------------------------------------------
@@ -412,15 +358,11 @@ def judge_features(judge: nn.Module, images: Tensor, batch_size: int = 256) -> T
     Computed in eval mode (BatchNorm uses its running statistics, so an image's features do not
     depend on its batch), in batches on the judge's device. Returns float (N, feature_dim) on the CPU.
     """
-    was_training = judge.training
-    judge.eval()
-    try:
-        device = next(judge.parameters()).device
+    device = next(judge.parameters()).device
+    with evaluating(judge):
         out = [judge.features(images[s:s + batch_size].to(device)).float().cpu()
                for s in range(0, images.shape[0], batch_size)]
-        return torch.cat(out)  # (N, feature_dim)
-    finally:
-        judge.train(was_training)
+    return torch.cat(out)  # (N, feature_dim)
 
 
 def diversity(judge: nn.Module, images: Tensor) -> float:
@@ -531,8 +473,3 @@ def sharpness(images: Tensor) -> float:
     response = F.conv2d(grey, kernel.view(1, 1, 3, 3).to(grey.device))  # (N, 1, H-2, W-2)
     return response.flatten(1).var(dim=1).mean().item()
 
-
-if __name__ == "__main__":
-    import json
-
-    print(json.dumps(train_and_save_judge(), indent=2))

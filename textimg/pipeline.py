@@ -6,36 +6,33 @@
 it conditions on a frozen pretrained language model and generates small first, then refines; unlike
 Imagen its generator and refiner are a GAN and a VQ-VAE, not a cascade of diffusion models.
 
-    pipe = TextToImagePipeline.from_pretrained()                # the committed checkpoints
+    pipe = TextToImagePipeline.from_pretrained()                # the committed checkpoints/pipeline
     images = pipe.generate(["a small red circle at the top left"], seed=0)   # (1, 3, 64, 64) in [0, 1]
     pipe(["a large blue star in the center"])[0].save("star.png")           # PIL images
-    pipe.save_pretrained("runs/my_pipeline")                    # model.safetensors + config.json
+    pipe.save_pretrained("runs/my_pipeline")                    # pipeline.json, generator/, refiner/
     TextToImagePipeline.from_pretrained("runs/my_pipeline")
 
-:func:`evaluate_pipeline` measures it (judge accuracy on seen and held-out compositions, the
-Fréchet distance in the judge's feature space beside its real-vs-real floor, diversity, PSNR/SSIM
-and codebook usage); :func:`train_pipeline` trains every stage in order, resumably, which is what
-``textimg train`` runs.
+Inside, images stay in the package's range [-1, 1] (:meth:`TextToImagePipeline.sample`); they
+become [0, 1] once, at :meth:`~TextToImagePipeline.generate`. :func:`evaluate_pipeline` is the one
+evaluator: every figure the course publishes for a pipeline comes from it. :func:`train_pipeline`
+trains every stage in order, resumably: it is ``textimg train``, the one recipe.
 """
 
 from __future__ import annotations
 
-import datetime
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from textimg.config import PresetConfig, check_preset
+from textimg.config import PIPELINE_DIR, PresetConfig, check_preset
 from textimg.generator import Generator, GeneratorConfig
+from textimg.refiner import Refiner, RefinerConfig, bicubic, refine
 from textimg.text import TextEncoder, TextEncoding
-from textimg.utils import (CONFIG_NAME, WEIGHTS_NAME, count_parameters, load_pretrained_state, read_json,
-                           save_json, save_pretrained_module)
-from textimg.vqvae import Refiner, RefinerConfig, bicubic, refine
-
-PIPELINE_FORMAT = "textimg.pipeline/1"
+from textimg.utils import (CONFIG_NAME, WEIGHTS_NAME, ChecksumError, load_pipeline, manifest_for, read_json,
+                           read_safetensors, save_json, save_pipeline, sha256_file, to_unit)
 
 
 def _check_prompts(prompts) -> list[str]:
@@ -52,7 +49,7 @@ class TextToImagePipeline:
 
     Args:
         generator: a trained :class:`~textimg.generator.Generator` (noise + text -> 32x32).
-        refiner: a trained :class:`~textimg.vqvae.Refiner` (32x32 -> 64x64); None upsamples bicubically.
+        refiner: a trained :class:`~textimg.refiner.Refiner` (32x32 -> 64x64); None upsamples bicubically.
         encoder: a :class:`~textimg.text.TextEncoder` whose ``dim`` is the generator's ``text_dim``;
             None loads ``text_encoder`` (the one the generator was trained with).
         text_encoder: the encoder's name, recorded by :meth:`save_pretrained` (default "minilm").
@@ -94,47 +91,31 @@ class TextToImagePipeline:
     # -- generating ------------------------------------------------------------------------------
 
     def noise(self, n: int, seed: int = 0) -> Tensor:
-        """The noise z (n, z_dim) that :meth:`generate` uses for ``seed``: drawn on the CPU from its own
-        torch.Generator, so a seed gives the same z on every device and never touches the global RNG."""
+        """The noise z (n, z_dim) for ``seed``: drawn on the CPU from its own torch.Generator, so a seed
+        gives the same z on every device and never touches the global RNG."""
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}: {seed!r}")
         return torch.randn(n, self.generator.cfg.z_dim, generator=torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
-    def generate_from(self, z: Tensor, text: TextEncoding, batch_size: int = 256, refine_output: bool = True) -> Tensor:
-        """Images for given noise z (B, z_dim) and a TextEncoding (B captions): float (B, 3, S, S) in
-        [0, 1] on the CPU, S = 64 (or 32 with ``refine_output=False``). The refiner reads the same
-        text. Used by :meth:`generate` and :meth:`interpolate`."""
+    def sample_from(self, z: Tensor, text: TextEncoding, batch_size: int = 256, size: int = 64) -> Tensor:
+        """Images for given noise z (B, z_dim) and a TextEncoding (B captions), in the package's range:
+        float (B, 3, size, size) in [-1, 1] on the CPU; ``size`` 64 (refined) or 32 (the generator's)."""
+        if size not in (32, 64):
+            raise ValueError(f"size must be 32 (the generator's images) or 64 (refined), got {size!r}")
         out = []
         for s in range(0, z.shape[0], batch_size):
             t = text[s:s + batch_size].to(self.device)
             x = self.generator(z[s:s + batch_size].to(self.device), t)  # (b, 3, 32, 32) in [-1, 1]
-            if refine_output:
-                if self.refiner is None:
-                    x = bicubic(x, 64)
-                else:
-                    x = refine(self.refiner, x, t if self.refiner.cfg.text_cond else None, batch_size)
-            out.append(((x.float() + 1) / 2).clamp(0, 1).cpu())
+            if size == 64:
+                x = bicubic(x, 64) if self.refiner is None else refine(
+                    self.refiner, x, t if self.refiner.cfg.text_cond else None, batch_size)
+            out.append(x.float().cpu())
         return torch.cat(out)
 
-    def generate(self, prompts: list[str] | str, seed: int = 0, num_per_prompt: int = 1, batch_size: int = 256,
-                 refine_output: bool = True) -> Tensor:
-        """Generates images for prompts.
-
-        Args:
-            prompts: B non-empty strings (one string is a batch of one).
-            seed: the noise seed: the same prompts and seed give the same images;
-                the global RNG is not touched.
-            num_per_prompt: images per prompt (each with its own z), grouped by prompt.
-            batch_size: images per forward pass (memory only: results agree up to float rounding).
-            refine_output: False returns the generator's 32x32 images, before the refiner.
-
-        Returns:
-            float (B * num_per_prompt, 3, 64, 64) in [0, 1], on the CPU.
-
-        Raises:
-            TypeError / ValueError from the encoder, naming the bad prompt (empty, not a string, ...).
-        """
+    def sample(self, prompts: list[str] | str, seed: int = 0, num_per_prompt: int = 1, batch_size: int = 256,
+               size: int = 64) -> Tensor:
+        """Like :meth:`generate`, in the package's range [-1, 1] (what the metrics and the judge read)."""
         prompts = _check_prompts(prompts)
         if not isinstance(num_per_prompt, int) or num_per_prompt < 1:
             raise ValueError(f"num_per_prompt must be a positive int, got {num_per_prompt!r}")
@@ -142,15 +123,35 @@ class TextToImagePipeline:
         if num_per_prompt > 1:
             text = text[torch.arange(len(prompts)).repeat_interleave(num_per_prompt)]
         z = self.noise(len(prompts) * num_per_prompt, seed)
-        return self.generate_from(z, text, batch_size=batch_size, refine_output=refine_output)
+        return self.sample_from(z, text, batch_size=batch_size, size=size)
+
+    def generate(self, prompts: list[str] | str, seed: int = 0, num_per_prompt: int = 1, batch_size: int = 256,
+                 size: int = 64) -> Tensor:
+        """Generates images for prompts.
+
+        Args:
+            prompts: B non-empty strings (one string is a batch of one).
+            seed: the noise seed: the same prompts and seed give the same images; the global RNG
+                is not touched.
+            num_per_prompt: images per prompt (each with its own z), grouped by prompt.
+            batch_size: images per forward pass (memory only: results agree up to float rounding).
+            size: 64 (refined) or 32 (the generator's images, before the refiner).
+
+        Returns:
+            float (B * num_per_prompt, 3, size, size) in [0, 1], on the CPU.
+
+        Raises:
+            TypeError / ValueError naming the bad prompt (empty, not a string, ...) or argument.
+        """
+        return to_unit(self.sample(prompts, seed, num_per_prompt, batch_size, size))
 
     def __call__(self, prompts: list[str] | str, seed: int = 0, **kwargs) -> list:
-        """Like :meth:`generate`, returning a list of PIL images (RGB, 64x64)."""
+        """Like :meth:`generate`, returning a list of PIL images (RGB)."""
         from PIL import Image
 
         images = self.generate(prompts, seed=seed, **kwargs)
         arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
-        return [Image.fromarray(a) for a in arrays]  # uint8 (H, W, 3): RGB
+        return [Image.fromarray(a) for a in arrays]
 
     def interpolate(self, prompt_a: str, prompt_b: str, steps: int = 8, seed: int = 0) -> Tensor:
         """Walks the text embedding from ``prompt_a`` to ``prompt_b`` in ``steps`` even steps with one
@@ -164,156 +165,150 @@ class TextToImagePipeline:
         mask = (enc.mask[0] | enc.mask[1]).expand(steps, -1)  # (steps, T)
         pooled = (1 - w) * enc.pooled[0] + w * enc.pooled[1]  # (steps, D)
         z = self.noise(1, seed).expand(steps, -1)
-        return self.generate_from(z, TextEncoding(tokens, mask.clone(), pooled))
+        return to_unit(self.sample_from(z, TextEncoding(tokens, mask.clone(), pooled)))
 
-    # -- saving and loading ----------------------------------------------------------------------
-
-    def config(self) -> dict:
-        return {"format": PIPELINE_FORMAT, "text_encoder": self.text_encoder,
-                "generator": self.generator.cfg.to_dict(),
-                "refiner": self.refiner.cfg.to_dict() if self.refiner is not None else None}
+    # -- saving and loading: one folder per component + pipeline.json ----------------------------
 
     def save_pretrained(self, directory: str | Path, facts: dict | None = None) -> Path:
-        """Writes ``directory/model.safetensors`` (the generator's and the refiner's weights, keys
-        prefixed ``generator.`` / ``refiner.``) and ``directory/config.json`` (both configs, the text
-        encoder's name, the weights' SHA-256, and ``facts``), each atomically. Returns the directory."""
-        return save_pretrained_module(self._parts(self.generator, self.refiner), {**self.config(), **(facts or {})},
-                                      directory, record_hash=True)
-
-    @staticmethod
-    def _parts(generator: Generator, refiner: Refiner | None) -> nn.ModuleDict:
-        """The networks under one module, so their state dict keys read ``generator.…`` / ``refiner.…``."""
-        return nn.ModuleDict({"generator": generator, **({"refiner": refiner} if refiner is not None else {})})
+        """Writes ``directory/generator/``, ``directory/refiner/`` (each model.safetensors + config.json
+        with its SHA-256) and ``directory/pipeline.json`` (the text encoder's name and ``facts``).
+        Inside the committed ``checkpoints/`` the manifest is updated too. Returns the directory."""
+        return save_pipeline(directory, type(self).__name__, {"generator": self.generator, "refiner": self.refiner},
+                             {"text_encoder": self.text_encoder, **(facts or {})}, manifest_for(directory))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path | None = None, encoder: TextEncoder | None = None,
                         device: str | torch.device | None = None) -> "TextToImagePipeline":
-        """Loads a pipeline saved by :meth:`save_pretrained`, or (``directory=None``) the committed
-        checkpoints ``checkpoints/generator_gan`` + ``checkpoints/refiner_gan``, checked against
-        ``checkpoints/MANIFEST.json``.
-
-        Safe (safetensors: no pickled code runs). ``encoder`` shares an already loaded TextEncoder.
+        """Loads a pipeline saved by :meth:`save_pretrained`; None loads the committed ``checkpoints/pipeline``
+        (checked against ``checkpoints/MANIFEST.json``). A folder saved by textimg 0.1 (one
+        model.safetensors with both networks) loads too. ``encoder`` shares an already loaded TextEncoder.
 
         Raises:
             FileNotFoundError: the directory or one of its files is missing (named).
-            ChecksumError: model.safetensors does not match the SHA-256 in config.json (named).
+            ChecksumError: a file does not match its recorded SHA-256 (named).
             ValueError: a file cannot be read, or is not a textimg pipeline (named).
         """
-        if directory is None:
-            from textimg.gan import GENERATOR_DIR, REFINER_GAN_DIR, load_generator
-            from textimg.vqvae import load_refiner
-
-            generator, refiner = load_generator(GENERATOR_DIR), load_refiner(REFINER_GAN_DIR)
-            name = read_json(GENERATOR_DIR / CONFIG_NAME).get("text_encoder", "minilm")
-            pipe = cls(generator, refiner, encoder, name)
-            return pipe.to(device) if device is not None else pipe
-        directory = Path(directory)
+        directory = Path(directory) if directory is not None else PIPELINE_DIR
         if not directory.is_dir():
-            raise FileNotFoundError(f"no pipeline directory at {directory} (expected {WEIGHTS_NAME} and {CONFIG_NAME})")
-        state, config = load_pretrained_state(directory)  # checks the weights against config.json's SHA-256
-        config_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        if not isinstance(config, dict) or config.get("format") != PIPELINE_FORMAT:
-            raise ValueError(f"{config_path} is not a textimg pipeline config (format {PIPELINE_FORMAT!r} expected)")
-        try:
-            generator = Generator(GeneratorConfig.from_dict(config["generator"]))
-            refiner = Refiner(RefinerConfig.from_dict(config["refiner"])) if config.get("refiner") is not None else None
-            cls._parts(generator, refiner).load_state_dict(state)
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"{weights} and {config_path} do not describe the same pipeline "
-                             f"({type(err).__name__}: {str(err)[:300]})") from err
-        pipe = cls(generator, refiner, encoder, config.get("text_encoder", "minilm"))
+            raise FileNotFoundError(f"no pipeline directory at {directory}")
+        if (directory / CONFIG_NAME).is_file() and not (directory / "pipeline.json").is_file():
+            config, parts = _load_v1(directory)
+        else:
+            config, parts = load_pipeline(directory, cls.__name__)
+        pipe = cls(parts["generator"], parts.get("refiner"), encoder, config.get("text_encoder", "minilm"))
         return pipe.to(device) if device is not None else pipe
 
     def __repr__(self) -> str:
-        refiner = f"Refiner({count_parameters(self.refiner):,} parameters)" if self.refiner is not None else "bicubic"
+        refiner = f"Refiner({self.refiner.num_parameters():,} parameters)" if self.refiner is not None else "bicubic"
         return (f"TextToImagePipeline(text_encoder={self.text_encoder!r}, "
-                f"generator=Generator({count_parameters(self.generator):,} parameters), refiner={refiner}, "
+                f"generator=Generator({self.generator.num_parameters():,} parameters), refiner={refiner}, "
                 f"device={self.device})")
 
 
+def _load_v1(directory: Path) -> tuple[dict, dict]:
+    """A pipeline folder of textimg 0.1 (config.json with both configs, model.safetensors with keys
+    ``generator.*`` / ``refiner.*``), read into today's (config, components)."""
+    config_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    config = read_json(config_path)
+    if not isinstance(config, dict) or config.get("format") != "textimg.pipeline/1":
+        raise ValueError(f"{config_path} is not a textimg pipeline config (no pipeline.json beside it either)")
+    if not weights.is_file():
+        raise FileNotFoundError(f"checkpoint file {weights} is missing")
+    if config.get("weights_sha256") and sha256_file(weights) != config["weights_sha256"]:
+        raise ChecksumError(f"{weights} does not match the SHA-256 recorded in {config_path}: "
+                            "the file was changed or is corrupted")
+    state = read_safetensors(weights)
+    try:
+        parts = {"generator": Generator(GeneratorConfig.from_dict(config["generator"])),
+                 "refiner": Refiner(RefinerConfig.from_dict(config["refiner"])) if config.get("refiner") else None}
+        for name, model in parts.items():
+            if model is not None:
+                model.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{weights} and {config_path} do not describe the same pipeline "
+                         f"({type(err).__name__}: {str(err)[:300]})") from err
+    return config, {k: m.eval() if m is not None else None for k, m in parts.items()}
+
+
 # -----------------------------------------------------------------------------------------------
-# Measuring the whole pipeline
+# The one evaluator
+
+PARTS = ("seen", "heldout", "fid", "diversity", "refiner")
 
 
 def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None = None, num_samples: int = 2000,
-                      seed: int = 0, diversity_captions: int = 16, diversity_samples: int = 16,
-                      progress: bool = False, inception: bool = False) -> dict:
-    """Every number the course reports for a pipeline, on the shapes dataset's test split.
+                      seed: int = 0, size: int = 64, parts: tuple[str, ...] = PARTS, diversity_captions: int = 16,
+                      diversity_samples: int = 16, progress: bool = False, inception: bool = False) -> dict:
+    """Every number the course reports for a pipeline (or a bare generator, wrapped in one), on the
+    shapes dataset's test split. ``parts`` chooses what to measure:
 
-    - ``seen`` / ``heldout``: judge accuracy (per attribute and all four) of the 64x64 images for
-      the captions of ``num_samples`` items of the test split (compositions seen in training) and
-      of the ``heldout`` split (colour-shape pairs never seen);
-    - ``mistakes``: the three most frequent shape misreadings on the seen set, as [asked (with its
-      size), read, count] (:func:`textimg.metrics.confusions`);
-    - ``fid``: the Fréchet distance in the judge's feature space between the images for the test
-      captions and the real images of those same items, and ``fid_floor``: the same distance
-      between two disjoint sets of ``num_samples`` real test images (what a perfect generator scores);
-    - ``diversity``: mean pairwise judge-feature distance over ``diversity_samples`` draws of z for
-      each of ``diversity_captions`` captions, and ``diversity_real``: the same for real images;
-    - ``sharpness`` of generated and real images;
-    - ``refiner``: PSNR / SSIM of the refiner and of bicubic upsampling on real 32x32 test images,
-      and its codebook usage and perplexity (:func:`textimg.vqvae.evaluate_refiner`).
+    - ``seen``: judge accuracy (per attribute and all four) of the images for the captions of
+      ``num_samples`` test items (compositions seen in training), the three most frequent shape
+      misreadings (``mistakes``, :func:`textimg.metrics.confusions`), and ``sharpness`` beside the real images';
+    - ``heldout``: the same accuracy for the ``heldout`` split (colour-shape pairs never seen);
+    - ``fid``: the Fréchet distance in the judge's feature space to the real images of the same items,
+      and ``fid_floor``, the distance between two disjoint sets of real test images (what a perfect
+      generator scores); with ``inception=True`` also standard Inception FID (needs torch-fidelity);
+    - ``diversity``: mean pairwise judge-feature distance over ``diversity_samples`` draws of z for each
+      of ``diversity_captions`` captions, and ``diversity_real``: the same for real images;
+    - ``refiner``: PSNR / SSIM of the refiner and of bicubic upsampling on real 32x32 test images, its
+      codebook usage and perplexity (64x64 with a refiner only).
 
-    With ``inception=True`` also ``fid_inception`` and its floor ``fid_inception_floor``: standard
-    Inception-v3 FID (:func:`textimg.metrics.inception_fid`, needs torch-fidelity and a network once).
-
-    ``seed`` picks the dataset items and the noise (the global RNG is untouched). ``judge`` defaults
-    to the committed one. Returns a dict of floats (fractions for accuracies); :func:`metrics_table`
-    prints it. Raises ValueError if num_samples < 2, diversity_captions < 1 or diversity_samples < 2.
+    ``size`` 64 measures the refined images, 32 the generator's. ``seed`` picks the items and the
+    noise (the global RNG is untouched); ``judge`` defaults to the committed one. Returns a dict of
+    floats (fractions for accuracies) that :func:`metrics_table` prints.
     """
     from textimg.data import ShapesDataset, sample_images
     from textimg.metrics import caption_accuracy, confusions, diversity, judge_fid, load_judge, sharpness
-    from textimg.vqvae import evaluate_refiner
+    from textimg.refiner import evaluate_refiner
 
     for name, value, low in (("num_samples", num_samples, 2), ("diversity_captions", diversity_captions, 1),
                              ("diversity_samples", diversity_samples, 2)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low} (a Fréchet distance and a diversity need at least "
                              f"two images), got {value!r}")
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown part(s) {unknown}; choose from {PARTS}")
+    if size not in (32, 64):
+        raise ValueError(f"size must be 32 or 64, got {size!r}")
     judge = judge if judge is not None else load_judge()
-    steps = ["seen", "heldout", "fid", "diversity", "refiner"]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(steps), desc="evaluating", unit="part")
-    results: dict = {"images": num_samples, "seed": seed}
-
-    def done():
-        if bar is not None:
-            bar.update(1)
-
-    test = ShapesDataset(2 * num_samples, split="test", seed=seed, cache=False)
+    results: dict = {"images": num_samples, "seed": seed, "size": size}
+    test = ShapesDataset(2 * num_samples, split="test", seed=seed, image_size=size, cache=False)
     captions = test.captions()[:num_samples]
-    fake = pipe.generate(captions, seed=seed) * 2 - 1  # (N, 3, 64, 64) in [-1, 1]
-    results["seen"] = caption_accuracy(judge, fake, captions)
-    results["mistakes"] = [list(m) for m in confusions(judge, fake, captions, "shape", given="size")[:3]]
-    done()
-    held = ShapesDataset(num_samples, split="heldout", seed=seed, cache=False).captions()
-    results["heldout"] = caption_accuracy(judge, pipe.generate(held, seed=seed + 1) * 2 - 1, held)
-    done()
-    real = torch.stack([test[i]["image"] for i in range(2 * num_samples)])  # (2N, 3, 64, 64)
-    results["fid"] = judge_fid(judge, fake, real[:num_samples])
-    results["fid_floor"] = judge_fid(judge, real[num_samples:], real[:num_samples])
-    if inception:
-        from textimg.metrics import inception_fid
+    fake = real = None
+    from tqdm.auto import tqdm
 
-        results["fid_inception"] = inception_fid(fake, real[:num_samples])
-        results["fid_inception_floor"] = inception_fid(real[num_samples:], real[:num_samples])
-    done()
-    div_caps = captions[:diversity_captions]
-    results["diversity"] = sum(diversity(judge, pipe.generate([c] * diversity_samples, seed=seed + 2 + k) * 2 - 1)
-                               for k, c in enumerate(div_caps)) / len(div_caps)
-    results["diversity_real"] = sum(diversity(judge, sample_images(test.spec(k).labels, diversity_samples, seed=seed + k))
-                                    for k in range(len(div_caps))) / len(div_caps)  # spec: labels without a render
-    results["sharpness"], results["sharpness_real"] = sharpness(fake), sharpness(real[:num_samples])
-    done()
-    if pipe.refiner is not None:
-        r = evaluate_refiner(pipe.refiner, num_samples, "test", seed=seed + 1,
-                             encoder=pipe.encoder if pipe.refiner.cfg.text_cond else None)
-        results["refiner"] = {k: v for k, v in r.items() if k not in ("images", "split")}
-    done()
-    if bar is not None:
-        bar.close()
+    for part in tqdm([p for p in PARTS if p in parts], desc="evaluating", unit="part", disable=not progress):
+        if part in ("seen", "fid") and fake is None:
+            fake = pipe.sample(captions, seed=seed, size=size)  # (N, 3, S, S) in [-1, 1]
+            real = torch.stack([test[i]["image"] for i in range(2 * num_samples)])  # (2N, 3, S, S)
+        if part == "seen":
+            results["seen"] = caption_accuracy(judge, fake, captions)
+            results["mistakes"] = [list(m) for m in confusions(judge, fake, captions, "shape", given="size")[:3]]
+            results["sharpness"], results["sharpness_real"] = sharpness(fake), sharpness(real[:num_samples])
+        elif part == "heldout":
+            held = ShapesDataset(num_samples, split="heldout", seed=seed, cache=False).captions()
+            results["heldout"] = caption_accuracy(judge, pipe.sample(held, seed=seed + 1, size=size), held)
+        elif part == "fid":
+            results["fid"] = judge_fid(judge, fake, real[:num_samples])
+            results["fid_floor"] = judge_fid(judge, real[num_samples:], real[:num_samples])
+            if inception:
+                from textimg.metrics import inception_fid
+
+                results["fid_inception"] = inception_fid(fake, real[:num_samples])
+                results["fid_inception_floor"] = inception_fid(real[num_samples:], real[:num_samples])
+        elif part == "diversity":
+            div_caps = captions[:diversity_captions]
+            results["diversity"] = sum(diversity(judge, pipe.sample([c] * diversity_samples, seed=seed + 2 + k, size=size))
+                                       for k, c in enumerate(div_caps)) / len(div_caps)
+            results["diversity_real"] = sum(  # spec: the labels without a render
+                diversity(judge, sample_images(test.spec(k).labels, diversity_samples, seed=seed + k, image_size=size))
+                for k in range(len(div_caps))) / len(div_caps)
+        elif part == "refiner" and pipe.refiner is not None and size == 64:
+            r = evaluate_refiner(pipe.refiner, num_samples, "test", seed=seed + 1,
+                                 encoder=pipe.encoder if pipe.refiner.cfg.text_cond else None)
+            results["refiner"] = {k: v for k, v in r.items() if k not in ("images", "split")}
     return results
 
 
@@ -324,44 +319,50 @@ def metrics_table(results: dict) -> str:
     attrs = [*ATTRIBUTES, "all"]
     rows = ["| judge accuracy | " + " | ".join(attrs) + " |", "|---|" + "---|" * len(attrs)]
     for name in ("seen", "heldout"):
-        rows.append(f"| {name} compositions | " + " | ".join(f"{100 * results[name][a]:.1f} %" for a in attrs) + " |")
+        if name in results:
+            rows.append(f"| {name} compositions | " + " | ".join(f"{100 * results[name][a]:.1f} %" for a in attrs) + " |")
     if results.get("mistakes"):
         rows.append("\nMost common shape mistakes (seen): " + ", ".join(
             f"{asked} read as {read} ({n})" for asked, read, n in results["mistakes"]) + ".")
-    rows += ["", "| measure | pipeline | reference |", "|---|---|---|",
-             f"| judge-FID (vs real test images) | {results['fid']:.2f} | {results['fid_floor']:.2f} (real vs real floor) |",
-             *([f"| Inception FID (standard) | {results['fid_inception']:.2f} | "
-                f"{results['fid_inception_floor']:.2f} (real vs real floor) |"] if "fid_inception" in results else []),
-             f"| diversity (judge features) | {results['diversity']:.2f} | {results['diversity_real']:.2f} (real images) |",
-             f"| sharpness (Laplacian variance) | {results['sharpness']:.4f} | {results['sharpness_real']:.4f} (real images) |"]
+    rows += ["", "| measure | pipeline | reference |", "|---|---|---|"]
+    if "fid" in results:
+        rows.append(f"| judge-FID (vs real test images) | {results['fid']:.2f} | {results['fid_floor']:.2f} (real vs real floor) |")
+    if "fid_inception" in results:
+        rows.append(f"| Inception FID (standard) | {results['fid_inception']:.2f} | "
+                    f"{results['fid_inception_floor']:.2f} (real vs real floor) |")
+    if "diversity" in results:
+        rows.append(f"| diversity (judge features) | {results['diversity']:.2f} | {results['diversity_real']:.2f} (real images) |")
+    if "sharpness" in results:
+        rows.append(f"| sharpness (Laplacian variance) | {results['sharpness']:.4f} | "
+                    f"{results['sharpness_real']:.4f} (real images) |")
     if "refiner" in results:
         r = results["refiner"]
         rows += [f"| refiner PSNR on real 32x32 inputs | {r['psnr_refiner']:.2f} dB | {r['psnr_bicubic']:.2f} dB (bicubic) |",
                  f"| refiner SSIM | {r['ssim_refiner']:.4f} | {r['ssim_bicubic']:.4f} (bicubic) |",
                  f"| codebook usage / perplexity | {100 * r['usage']:.1f} % / {r['perplexity']:.1f} | |"]
-    rows.append(f"\n{results['images']} images per set, seed {results['seed']}.")
+    rows.append(f"\n{results['images']} images per set, {results['size']}x{results['size']}, seed {results['seed']}.")
     return "\n".join(rows)
 
 
 # -----------------------------------------------------------------------------------------------
-# Training every stage in order (textimg train)
+# Training every stage in order: textimg train, the one recipe
 
 
 @dataclass
 class PipelineTrainConfig(PresetConfig):
-    """How much :func:`train_pipeline` trains each stage. The model sizes come from the preset's
-    GeneratorConfig, RefinerConfig and discriminator configs."""
+    """How much :func:`train_pipeline` trains each stage. The model sizes and each loop's
+    hyper-parameters come from the preset's own configs (GeneratorConfig, GANTrainConfig, ...)."""
 
     num_train: int = 20_000  # training images (and their captions)
     refiner_steps: int = 2000  # stage 3: the refiner's reconstruction training
-    refiner_batch_size: int = 32
     gan_steps: int = 24_000  # stage 4: the generator against the matching-aware discriminator
     refiner_gan_steps: int = 300  # stage 4: the refiner's adversarial fine-tuning
     checkpoint_every: int = 200  # refiner and GAN steps between resumable checkpoints
+    eval_samples: int = 2000  # test captions per set for the final evaluation (evaluate_pipeline)
     seed: int = 0
 
-    SIZES = {"quick": dict(num_train=256, refiner_steps=10, refiner_batch_size=8, gan_steps=10, refiner_gan_steps=3,
-                           checkpoint_every=5),
+    SIZES = {"quick": dict(num_train=256, refiner_steps=10, gan_steps=10, refiner_gan_steps=3, checkpoint_every=5,
+                           eval_samples=32),
              "cpu": dict(),
              "gpu": dict(num_train=40_000, refiner_steps=4000, gan_steps=20_000, refiner_gan_steps=600,
                          checkpoint_every=500)}
@@ -372,36 +373,44 @@ TRAIN_DIR = "pipeline_training"  # textimg train's default folder inside config.
 
 
 def train_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: PipelineTrainConfig | None = None,
-                   device: str | torch.device | None = None, progress: bool = True, log=print) -> Path:
-    """Trains the pipeline's stages in course order into ``out_dir`` and saves the pipeline there.
+                   device: str | torch.device | None = None, progress: bool = True, command: str | None = None,
+                   log=print) -> Path:
+    """Trains the pipeline's stages in course order into ``out_dir``, in the committed checkpoints' layout:
 
-    Stages (each writes its result before the next starts):
-
-    1. ``text``: encodes the training captions once with the frozen encoder -> ``text_cache.safetensors``;
-    2. ``refiner``: the VQ-VAE refiner, reconstruction loss (notebook 03), checkpointed to
-       ``refiner_training/vqvae_training.pt`` -> ``refiner/``;
+    1. ``text``: encodes the training captions once with the frozen encoder -> ``training/text_cache.safetensors``;
+    2. ``refiner``: the refiner on reconstruction (notebook 03) -> ``refiner/``;
     3. ``gan``: the generator against a matching-aware discriminator with an attribute head
-       (notebook 04), checkpointed to ``gan/gan_training.pt`` -> ``generator/``;
-    4. ``refiner_gan``: the refiner fine-tuned with a PatchGAN (notebook 04) -> ``refiner_gan/``;
-    5. ``pipeline``: generator + fine-tuned refiner -> ``pipeline/`` (:meth:`TextToImagePipeline.save_pretrained`).
+       (notebook 04) -> ``pipeline/generator/``;
+    4. ``refiner_gan``: the refiner fine-tuned with a PatchGAN (notebook 04) -> ``pipeline/refiner/``;
+    5. ``pipeline``: measured by :func:`evaluate_pipeline` -> ``pipeline/pipeline.json``.
 
-    Resumable: run it again with the same ``out_dir`` after an interruption and finished stages are
-    skipped, and the refiner and GAN stages continue exactly from their last checkpoint (every
-    ``cfg.checkpoint_every`` steps); the short adversarial fine-tuning of the refiner starts again.
-    The preset and config are recorded in ``out_dir/train_config.json``, and a second run must match them.
+    Resumable: run it again with the same ``out_dir`` and finished stages are skipped, and the
+    refiner and GAN stages continue exactly from their checkpoints in ``training/``; the short
+    fine-tuning starts again. The preset and config are kept in ``train_config.json``; a second run
+    must match them. Every fact a saved config records is written here, by code
+    (:func:`textimg.training.run_facts`). Given the committed ``checkpoints/`` folder, the manifest is
+    updated too. Under ``accelerate launch`` every process trains and the main one writes.
 
     Returns:
         the pipeline's directory, ``out_dir/pipeline``.
     """
+    from accelerate import PartialState
+
     from textimg.data import NUM_CLASSES, ShapesDataset
-    from textimg.gan import (Discriminator, DiscriminatorConfig, GANTrainConfig, PatchDiscriminator,
-                             PatchDiscriminatorConfig, finetune_refiner, load_generator, save_generator, train_gan)
-    from textimg.vqvae import load_refiner, save_refiner, train_refiner
+    from textimg.discriminator import Discriminator, DiscriminatorConfig, PatchDiscriminator, PatchDiscriminatorConfig
+    from textimg.gan import GANTrainConfig, train_gan
+    from textimg.metrics import load_judge
+    from textimg.refiner import RefinerGANConfig, finetune_refiner, train_refiner
+    from textimg.training import rounded, run_facts
+    from textimg.utils import seeded
+    from textimg.vqvae import VQTrainConfig
 
     preset = check_preset(preset)
     cfg = cfg or PipelineTrainConfig.preset(preset)
+    command = command or f"textimg train --preset {preset}"
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    processes = PartialState(cpu=device is not None and torch.device(device).type == "cpu")
+    main = processes.is_main_process
     record = {"format": "textimg.train/1", "preset": preset, "config": cfg.to_dict()}
     record_path = out / "train_config.json"
     if record_path.is_file():
@@ -410,66 +419,86 @@ def train_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: PipelineTrainC
         if {k: old.get(k) for k in record} != record:
             raise ValueError(f"{out} holds a run with preset {old.get('preset')!r} and config {old.get('config')}; "
                              f"resume it with the same settings, or train into another output directory")
-    else:
+    elif main:
         save_json(record, record_path)
+    manifest = manifest_for(out)
+    done = {"refiner": out / "refiner", "gan": out / "pipeline" / "generator",
+            "refiner_gan": out / "pipeline" / "refiner"}
 
-    def done(stage: str) -> bool:
-        return (out / stage / CONFIG_NAME).is_file()
+    def finished(stage: str) -> bool:
+        return (done[stage] / CONFIG_NAME).is_file()
+
+    def facts(stage: str, steps: int, history: dict, **more) -> dict:
+        keep = {k: v for k, v in history.items() if k != "seconds"}
+        return {"text_encoder": encoder.name, "training": run_facts(
+            device, command=command, preset=preset, stage=stage, steps=steps, num_train=cfg.num_train,
+            seed=cfg.seed, processes=processes.num_processes, seconds=history["seconds"], **more, history=keep)}
 
     started = time.perf_counter()
     encoder = TextEncoder("minilm", device=device)
     data64 = ShapesDataset(cfg.num_train, split="train", seed=cfg.seed)
     data32 = ShapesDataset(cfg.num_train, split="train", seed=cfg.seed, image_size=32)
-    cache = out / "text_cache.safetensors"
+    cache = out / "training" / "text_cache.safetensors"
     log(f"[1/5] text: encoding {cfg.num_train:,} training captions with {encoder.name}")
     if cache.is_file():
         encoder.load_cache(cache)
     else:
-        encoder.encode_dataset(data64.captions(), progress=progress)
-        encoder.save_cache(cache)
-    facts = {"preset": preset, "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+        encoder.encode_dataset(data64.captions(), progress=progress and main)
+        if main:
+            encoder.save_cache(cache)
 
-    log(f"[2/5] refiner: {cfg.refiner_steps} reconstruction steps" + (" (done, skipped)" if done("refiner") else ""))
-    if not done("refiner"):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
+    log(f"[2/5] refiner: {cfg.refiner_steps} reconstruction steps" + (" (done, skipped)" * finished("refiner")))
+    if not finished("refiner"):
+        with seeded(cfg.seed):
             refiner = Refiner(RefinerConfig.preset(preset, text_cond=True, text_dim=encoder.dim))
-        history = train_refiner(refiner, data64, cfg.refiner_steps, cfg.refiner_batch_size, device=device,
-                                seed=cfg.seed, progress=progress, encoder=encoder,
-                                checkpoint_dir=out / "refiner_training", checkpoint_every=cfg.checkpoint_every)
-        save_refiner(refiner.cpu(), out / "refiner", {"text_encoder": encoder.name, "training": {
-            **facts, "steps": cfg.refiner_steps, "seconds": round(history["seconds"], 1)}}, manifest=None)
+        train_cfg = VQTrainConfig.preset(preset, seed=cfg.seed)
+        history = train_refiner(refiner, data64, train_cfg, cfg.refiner_steps, device=device, encoder=encoder,
+                                progress=progress, log_every=max(1, cfg.refiner_steps // 20),
+                                checkpoint_dir=out / "training", checkpoint_every=cfg.checkpoint_every)
+        if main:
+            refiner.cpu().save_pretrained(done["refiner"], facts("refiner", cfg.refiner_steps, history,
+                                                                 config=train_cfg.to_dict()), manifest)
 
-    log(f"[3/5] gan: {cfg.gan_steps} adversarial steps" + (" (done, skipped)" if done("generator") else ""))
-    if not done("generator"):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
+    log(f"[3/5] gan: {cfg.gan_steps} adversarial steps" + (" (done, skipped)" * finished("gan")))
+    if not finished("gan"):
+        with seeded(cfg.seed):
             generator = Generator(GeneratorConfig.preset(preset, text_dim=encoder.dim))
             discriminator = Discriminator(DiscriminatorConfig.preset(preset, text_dim=encoder.dim,
                                                                      num_classes=NUM_CLASSES))
         gan_cfg = GANTrainConfig.preset(preset, seed=cfg.seed)
         history = train_gan(generator, discriminator, encoder, data32, gan_cfg, steps=cfg.gan_steps,
-                            checkpoint_dir=out / "gan", checkpoint_every=cfg.checkpoint_every, resume=True,
+                            checkpoint_dir=out / "training", checkpoint_every=cfg.checkpoint_every, resume=True,
                             progress=progress, log_every=max(1, min(100, cfg.gan_steps // 10)), device=device)
-        save_generator(generator.cpu(), out / "generator", {"text_encoder": encoder.name, "training": {
-            **facts, "steps": cfg.gan_steps, "seconds": round(history["seconds"], 1)}}, manifest=None)
+        if main:
+            generator.cpu().save_pretrained(done["gan"], facts("gan", cfg.gan_steps, history, config=gan_cfg.to_dict(),
+                                                               discriminator=discriminator.cfg.to_dict()), manifest)
 
+    processes.wait_for_everyone()
     log(f"[4/5] refiner_gan: {cfg.refiner_gan_steps} adversarial fine-tuning steps"
-        + (" (done, skipped)" if done("refiner_gan") else ""))
-    if not done("refiner_gan"):
-        refiner = load_refiner(out / "refiner", manifest=None)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
+        + (" (done, skipped)" * finished("refiner_gan")))
+    if not finished("refiner_gan"):
+        refiner = Refiner.from_pretrained(done["refiner"])
+        with seeded(cfg.seed):
             patch_d = PatchDiscriminator(PatchDiscriminatorConfig.preset(preset))
-        history = finetune_refiner(refiner, patch_d, data64, encoder, steps=cfg.refiner_gan_steps, seed=cfg.seed,
-                                   device=device, progress=progress, log_every=max(1, cfg.refiner_gan_steps // 10))
-        save_refiner(refiner.cpu(), out / "refiner_gan", {"text_encoder": encoder.name, "training": {
-            **facts, "steps": cfg.refiner_gan_steps, "seconds": round(history["seconds"], 1)}}, manifest=None)
+        r_cfg = RefinerGANConfig.preset(preset, seed=cfg.seed)
+        history = finetune_refiner(refiner, patch_d, data64, encoder, r_cfg, cfg.refiner_gan_steps, device=device,
+                                   progress=progress, log_every=max(1, cfg.refiner_gan_steps // 10))
+        if main:
+            refiner.cpu().save_pretrained(done["refiner_gan"], facts(
+                "refiner_gan", cfg.refiner_gan_steps, history, config=r_cfg.to_dict(),
+                discriminator=patch_d.cfg.to_dict()), manifest)
 
-    log("[5/5] pipeline: generator + fine-tuned refiner")
-    pipe = TextToImagePipeline(load_generator(out / "generator", manifest=None),
-                               load_refiner(out / "refiner_gan", manifest=None), encoder.to("cpu"))
-    path = pipe.save_pretrained(out / "pipeline", {"training": {**facts, "config": cfg.to_dict(),
-                                                                "seconds_this_run": round(time.perf_counter() - started, 1)}})
-    log(f"saved the pipeline to {path}")
+    processes.wait_for_everyone()
+    log(f"[5/5] pipeline: measured on {cfg.eval_samples:,} test captions per set")
+    path = out / "pipeline"
+    if main:
+        pipe = TextToImagePipeline(Generator.from_pretrained(done["gan"]), Refiner.from_pretrained(done["refiner_gan"]),
+                                   encoder.to("cpu"))
+        results = evaluate_pipeline(pipe, num_samples=cfg.eval_samples, seed=0, progress=progress)
+        pipe.save_pretrained(path, {"training": run_facts(
+            device, command=command, preset=preset, config=cfg.to_dict(),
+            seconds_this_run=time.perf_counter() - started), "test": rounded(results)})
+        log(f"saved the pipeline to {path}")
+    processes.wait_for_everyone()
     return path
+

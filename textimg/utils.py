@@ -1,18 +1,19 @@
-"""Shared helpers: seeding, the device, and checkpoint files that are never half-written."""
+"""Shared helpers: seeding, the device, eval mode, files that are never half-written, and
+:class:`ModelMixin`, the one save/load of every network (the idea of diffusers' ``ModelMixin``)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
-
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seeds Python's, NumPy's and torch's global RNGs (CPU and every CUDA device).
@@ -26,6 +27,33 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
     return torch.Generator().manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Runs the block with torch's global CPU RNG seeded with ``seed``, then restores the RNG: seeded
+    weight initialisation (``with seeded(0): G = Generator(cfg)``) that leaves the caller's randomness alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def evaluating(*modules: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for the block; each module's own train/eval flag is restored afterwards."""
+    flags = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, flags):
+            m.train(flag)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Number of parameters (trainable or not) of a module."""
+    return sum(p.numel() for p in module.parameters())
 
 
 def get_device(device: str | torch.device | None = None) -> torch.device:
@@ -43,13 +71,8 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
-def sha256_file(path: str | Path) -> str:
-    """The SHA-256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# -----------------------------------------------------------------------------------------------
+# Files written atomically
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -76,6 +99,21 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def save_json(obj, path: str | Path) -> Path:
+    """Writes ``obj`` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_json(path: str | Path):
+    """Parses a JSON file; a file that is not JSON raises ValueError naming it ("it may be corrupted")."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); it may be corrupted") from err
+
+
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """Saves a training state (models, optimisers, RNG states, step ...) atomically with torch.save."""
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -93,50 +131,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                          "it may be corrupted or not a textimg checkpoint") from err
 
 
-def save_json(obj, path: str | Path) -> Path:
-    """Writes ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 # -----------------------------------------------------------------------------------------------
-# Pretrained modules: safetensors weights + a JSON config, checked against a SHA-256 manifest
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+# SHA-256 sums: a manifest for the committed checkpoints, and one inside each saved config
 
 
 class ChecksumError(ValueError):
-    """A file's SHA-256 differs from the one its manifest records (the file changed or is corrupted)."""
+    """A file's SHA-256 differs from the one recorded for it (the file changed or is corrupted)."""
 
 
-def count_parameters(module: torch.nn.Module) -> int:
-    """Number of parameters (trainable or not) of a module."""
-    return sum(p.numel() for p in module.parameters())
-
-
-def save_pretrained_module(module: torch.nn.Module, config: dict, directory: str | Path,
-                           manifest: str | Path | None = None, record_hash: bool = False) -> Path:
-    """Writes ``directory/model.safetensors`` (the state dict) and ``directory/config.json``, each atomically,
-    and records both files' SHA-256 in ``manifest`` if one is given (:func:`update_manifest`).
-
-    With ``record_hash`` the weights' SHA-256 also goes into config.json (``weights_sha256``), so
-    the folder checks itself without a manifest (:func:`load_pretrained_state` verifies it).
-    Safetensors holds tensors only, so loading it never runs code (unlike a pickle).
-
-    Returns:
-        the directory.
-    """
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    # contiguous copies that share no memory: safetensors refuses tied or strided views
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    weights = atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-    save_json({**config, "weights_sha256": sha256_file(weights)} if record_hash else config, directory / CONFIG_NAME)
-    if manifest is not None:
-        update_manifest(manifest, [directory / WEIGHTS_NAME, directory / CONFIG_NAME])
-    return directory
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_manifest(manifest: str | Path) -> dict[str, str]:
@@ -188,43 +197,20 @@ def verify_file(path: str | Path, manifest: str | Path) -> None:
                             f"got {actual[:12]}...): the file was changed or is corrupted")
 
 
-def load_pretrained_state(directory: str | Path, manifest: str | Path | None = None) -> tuple[dict, dict]:
-    """Reads what :func:`save_pretrained_module` wrote, safely (safetensors: no pickled code runs).
+def manifest_for(directory: str | Path) -> Path | None:
+    """The committed MANIFEST.json if ``directory`` lies inside the committed ``checkpoints/`` folder, else None:
+    the committed files are checked against it, a learner's own saved models against the hash in their config."""
+    from textimg.config import CHECKPOINTS, MANIFEST
 
-    Args:
-        directory: holds model.safetensors and config.json.
-        manifest: a MANIFEST.json to check both files' SHA-256 against first; None skips the check.
-
-    Returns:
-        (state_dict of CPU tensors, config dict).
-
-    Raises:
-        FileNotFoundError: a file is missing; ChecksumError: a hash differs from the manifest's, or
-        from the ``weights_sha256`` that config.json records; ValueError: a file cannot be read.
-        Every message names the file.
-    """
-    directory = Path(directory)
-    weights, config_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
-    for path in (weights, config_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint file {path} is missing")
-        if manifest is not None:
-            verify_file(path, manifest)
-    config = read_json(config_path)
-    expected = config.get("weights_sha256") if isinstance(config, dict) else None
-    if expected and sha256_file(weights) != expected:
-        raise ChecksumError(f"{weights} does not match the SHA-256 recorded in {config_path}: "
-                            "the file was changed or is corrupted")
-    return read_safetensors(weights), config
+    return MANIFEST if Path(directory).resolve().is_relative_to(CHECKPOINTS.resolve()) else None
 
 
-def read_json(path: str | Path):
-    """Parses a JSON file; a file that is not JSON raises ValueError naming it ("it may be corrupted")."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); it may be corrupted") from err
+# -----------------------------------------------------------------------------------------------
+# One save/load for every network: a folder with model.safetensors and config.json
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+MODEL_CLASSES: dict[str, type] = {}  # class name -> class, for every ModelMixin (pipelines load by name)
 
 
 def read_safetensors(path: str | Path) -> dict:
@@ -237,3 +223,143 @@ def read_safetensors(path: str | Path) -> dict:
     except Exception as err:  # a truncated or foreign file
         raise ValueError(f"{path} could not be read as safetensors ({type(err).__name__}: {err}); "
                          "it may be corrupted") from err
+
+
+class ModelMixin:
+    """``save_pretrained`` / ``from_pretrained`` / ``num_parameters`` for a network built from one
+    dataclass config ``self.cfg`` of type ``config_class``.
+
+    A saved network is a folder: ``model.safetensors`` (tensors only: loading never runs code) and
+    ``config.json`` = {"class": name, "config": cfg.to_dict(), "weights_sha256": ..., **facts}.
+    """
+
+    config_class: type
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        MODEL_CLASSES[cls.__name__] = cls
+
+    def num_parameters(self) -> int:
+        return count_parameters(self)
+
+    def save_pretrained(self, directory: str | Path, facts: dict | None = None,
+                        manifest: str | Path | None = None) -> Path:
+        """Writes the folder (each file atomically); with ``manifest`` also records both files' SHA-256
+        there. ``facts`` (how it was made, what it scored) go into config.json. Returns the folder."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        # contiguous copies that share no memory: safetensors refuses tied or strided views
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
+        weights = atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+        save_json({"class": type(self).__name__, "config": self.cfg.to_dict(), **(facts or {}),
+                   "weights_sha256": sha256_file(weights)}, directory / CONFIG_NAME)
+        if manifest is not None:
+            update_manifest(manifest, [directory / WEIGHTS_NAME, directory / CONFIG_NAME])
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, manifest: str | Path | None = None):
+        """Loads a folder written by :meth:`save_pretrained`, on the CPU, in eval mode.
+
+        Both files are checked against ``manifest`` (default: the committed MANIFEST.json for a folder
+        inside ``checkpoints/``) and the weights against the SHA-256 in config.json. Called on
+        ``ModelMixin`` itself it builds whichever class config.json names.
+
+        Raises:
+            FileNotFoundError: a file is missing; ChecksumError: a hash differs; ValueError: a file
+            cannot be read, or holds another class. Every message names the file.
+        """
+        directory = Path(directory)
+        weights, config_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
+        manifest = manifest if manifest is not None else manifest_for(directory)
+        for path in (weights, config_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"checkpoint file {path} is missing")
+            if manifest is not None:
+                verify_file(path, manifest)
+        config = _upgrade(read_json(config_path), cls)
+        if not isinstance(config, dict) or "config" not in config or "class" not in config:
+            raise ValueError(f"{config_path} is not a textimg model config (no 'class' and 'config' keys)")
+        target = MODEL_CLASSES.get(config["class"]) if cls is ModelMixin else cls
+        if target is None or target.__name__ != config["class"]:
+            raise ValueError(f"{config_path} holds a {config['class']}, not a {cls.__name__}")
+        if config.get("weights_sha256") and sha256_file(weights) != config["weights_sha256"]:
+            raise ChecksumError(f"{weights} does not match the SHA-256 recorded in {config_path}: "
+                                "the file was changed or is corrupted")
+        try:
+            model = target(target.config_class.from_dict(config["config"]))
+            model.load_state_dict(read_safetensors(weights))
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{weights} and {config_path} do not describe the same {target.__name__} "
+                             f"({type(err).__name__}: {str(err)[:300]})") from err
+        return model.eval()
+
+
+def _upgrade(config, cls: type) -> dict:
+    """A config.json of textimg 0.1 (class under "model", the generator's config under "generator") in
+    today's form; anything else unchanged. Old folders load without being rewritten."""
+    if not isinstance(config, dict) or "class" in config:
+        return config
+    old = dict(config)
+    name = old.pop("model", None) or (cls.__name__ if cls is not ModelMixin else None)
+    key = "config" if "config" in old else "generator" if "generator" in old else None
+    return {"class": name, "config": old.pop(key), **old} if name and key else config
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Images from the package's value range [-1, 1] to [0, 1] (float32, clamped)."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+# -----------------------------------------------------------------------------------------------
+# One layout for every pipeline: a folder per component and pipeline.json naming them
+
+PIPELINE_NAME = "pipeline.json"
+PIPELINE_FORMAT = "textimg.pipeline/2"
+
+
+def save_pipeline(directory: str | Path, kind: str, components: dict[str, ModelMixin | None], facts: dict | None = None,
+                  manifest: str | Path | None = None) -> Path:
+    """Writes each component with its ``save_pretrained`` into ``directory/<name>/`` and then
+    ``directory/pipeline.json`` = {"format", "class": kind, "components": {name: class name or None}, **facts}.
+    ``kind`` is the pipeline's class name (e.g. "TextToImagePipeline"). Returns the directory."""
+    directory = Path(directory)
+    for name, model in components.items():
+        if model is not None:
+            model.save_pretrained(directory / name, manifest=manifest)
+    classes = {name: type(model).__name__ if model is not None else None for name, model in components.items()}
+    save_json({"format": PIPELINE_FORMAT, "class": kind, "components": classes, **(facts or {})},
+              directory / PIPELINE_NAME)
+    if manifest is not None:
+        update_manifest(manifest, [directory / PIPELINE_NAME])
+    return directory
+
+
+def load_pipeline(directory: str | Path, kind: str) -> tuple[dict, dict[str, ModelMixin | None]]:
+    """Reads what :func:`save_pipeline` wrote: (pipeline.json's dict, {name: loaded component or None}),
+    each component checked like :meth:`ModelMixin.from_pretrained`. Raises FileNotFoundError,
+    ChecksumError or ValueError naming the file."""
+    directory = Path(directory)
+    path = directory / PIPELINE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {PIPELINE_NAME} in {directory}: not a saved textimg pipeline")
+    manifest = manifest_for(directory)
+    if manifest is not None:
+        verify_file(path, manifest)
+    config = read_json(path)
+    if not isinstance(config, dict) or config.get("format") != PIPELINE_FORMAT or config.get("class") != kind:
+        raise ValueError(f"{path} does not describe a {kind} (format {PIPELINE_FORMAT!r} expected)")
+    components = {}
+    for name, class_name in config["components"].items():
+        model = ModelMixin.from_pretrained(directory / name) if class_name is not None else None
+        if model is not None and type(model).__name__ != class_name:
+            raise ValueError(f"{path} names a {class_name} for {name!r}, but {directory / name} holds a "
+                             f"{type(model).__name__}")
+        components[name] = model
+    return config, components
+
+
+def read_config(directory: str | Path) -> dict:
+    """The config.json of a saved network (its config and the facts recorded with it)."""
+    return read_json(Path(directory) / CONFIG_NAME)

@@ -19,24 +19,14 @@ Codebooks collapse: a few codes win every lookup, the rest never move again. Two
 - dead-code restart (Dhariwal et al. 2020, "Jukebox"; Zeghidour et al. 2021, "SoundStream"): a code
   whose moving-average usage falls below a threshold jumps to a random encoder output of the batch.
 
-The refiner is a VQ-VAE whose input is a 32x32 image upsampled (bicubic) to 64x64, whose latents
-are 32x32 (one code per input pixel, saying how it splits into 2x2 output pixels), whose decoder may
-also read the caption (FiLM from the pooled text vector), and whose output is a *residual*:
+The refiner built on it (32x32 -> 64x64) is :mod:`textimg.refiner`.
 
-    x_low (B, 3, 32, 32) ─► bicubic ─► x_up (B, 3, 64, 64) ─► encoder ─► z_e (B, D, 32, 32) ─► quantiser
-        ─► z_q ─► decoder (+ text) ─► detail (B, 3, 64, 64);   x_rec = clamp(x_up + detail, -1, 1)
-
-Its last conv starts at zero, so an untrained refiner is exactly bicubic upsampling, and training
-only has to learn the missing detail. Notebook 04 adds an adversarial loss, as VQGAN does (Esser
-et al. 2021, "Taming Transformers for High-Resolution Image Synthesis").
-
-Reading order: VQOutput, VectorQuantizer, ResBlock, Encoder, Decoder, the configs, VQVAE, Refiner,
-training (train_vqvae, train_refiner, refine, evaluate_refiner), then the committed checkpoint.
+Reading order: VQOutput, VectorQuantizer, ResBlock, Encoder, Decoder, VQVAEConfig, VQVAE,
+VQTrainConfig, train_vqvae.
 """
 
 from __future__ import annotations
 
-import datetime
 import math
 import time
 from dataclasses import dataclass
@@ -47,16 +37,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from textimg.config import PresetConfig
-from textimg.metrics import CHECKPOINTS, MANIFEST, codebook_perplexity, codebook_usage, psnr, ssim
-from textimg.text import TextEncoding
-from textimg.utils import (count_parameters, load_checkpoint, load_pretrained_state, save_checkpoint,
-                           save_pretrained_module)
-
-REFINER_DIR = CHECKPOINTS / "refiner"
-VQVAE_CHECKPOINT_NAME = "vqvae_training.pt"  # the training-state file train_vqvae keeps in checkpoint_dir
-VQVAE_CHECKPOINT_FORMAT = "textimg.vqvae_training/1"
+from textimg.training import BatchOrder, TrainingCheckpoint, fetch, make_accelerator, unwrap
+from textimg.utils import ModelMixin
 
 # -----------------------------------------------------------------------------------------------
 # The vector quantiser
@@ -297,40 +282,19 @@ class VQVAEConfig(PresetConfig):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^levels = {2 ** self.levels}")
 
 
-@dataclass
-class RefinerConfig(VQVAEConfig):
-    # 64x64 -> 32x32 latents: one code per input pixel, saying how it splits into 2x2 output pixels.
-    # 16x16 latents (levels=2) learned far slower: in our runs (600 steps, before the warm-up was
-    # added) they had not left bicubic while 32x32 latents were 4.5 dB above it.
-    levels: int = 1
-    low_size: int = 32  # side of the input images (the generator's 32x32)
-    upsample: str = "bicubic"  # how the input reaches image_size: the encoder's input and the residual's base
-    text_cond: bool = True  # FiLM the decoder's ResBlocks with the pooled caption vector
-    text_dim: int = 384  # size of the text encoder's vectors (384 MiniLM, 32 tiny-bert)
-    cond_dim: int = 64  # size of the text code c that scales and shifts the decoder's features
-
-    SIZES = {name: {**sizes, "cond_dim": {"quick": 16, "cpu": 64, "gpu": 128}[name]}
-             for name, sizes in VQVAEConfig.SIZES.items()}
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.image_size % self.low_size:
-            raise ValueError(f"image_size {self.image_size} must be a multiple of low_size {self.low_size}")
-        if self.upsample not in ("nearest", "bilinear", "bicubic"):
-            raise ValueError(f"upsample must be nearest, bilinear or bicubic, got {self.upsample!r}")
-
-
 # -----------------------------------------------------------------------------------------------
 # The models
 
 
-class VQVAE(nn.Module):
+class VQVAE(ModelMixin, nn.Module):
     """Image (B, 3, S, S) in [-1, 1] -> (x_rec (B, 3, S, S), VQOutput). See the module docstring.
 
     x_rec is unbounded, as in the paper (clamp it to show it): a tanh output saturated at the dark
     background in our runs and stopped learning. ``cond_dim`` and ``zero_out`` go to the Decoder
     (the Refiner uses them).
     """
+
+    config_class = VQVAEConfig
 
     def __init__(self, cfg: VQVAEConfig, cond_dim: int | None = None, zero_out: bool = False):
         super().__init__()
@@ -339,9 +303,6 @@ class VQVAE(nn.Module):
         self.quantizer = VectorQuantizer(cfg.num_codes, cfg.code_dim, cfg.beta, cfg.ema, cfg.decay,
                                          restart_dead=cfg.restart_dead, dead_threshold=cfg.dead_threshold)
         self.decoder = Decoder(cfg.code_dim, cfg.channels, cfg.levels, cfg.num_res_blocks, 3, cond_dim, zero_out)
-
-    def num_parameters(self) -> int:
-        return count_parameters(self)
 
     def encode(self, x: Tensor) -> Tensor:
         """(B, 3, S, S) -> z_e (B, D, S / 2^levels, S / 2^levels)."""
@@ -358,124 +319,58 @@ class VQVAE(nn.Module):
         vq = self.quantize(self.encode(x), rng)
         return self.decode(vq.z_q), vq  # (B, 3, S, S), unbounded
 
-
-class Refiner(VQVAE):
-    """Low-res image (B, 3, 32, 32) in [-1, 1] [+ TextEncoding] -> (x_rec (B, 3, 64, 64) in [-1, 1], VQOutput).
-
-    x_up = upsample(x_low) (bicubic, clamped) is both the encoder's input and the base of the output:
-    x_rec = clamp(x_up + decoder(z_q, c), -1, 1). The decoder's last conv starts at zero, so an
-    untrained refiner *is* bicubic upsampling. With ``text_cond`` the decoder's ResBlocks take a
-    scale and shift from the pooled caption vector; ``text=None`` means the null caption (a zero
-    vector, which training shows the model now and then), and text is ignored without ``text_cond``.
-    """
-
-    def __init__(self, cfg: RefinerConfig):
-        super().__init__(cfg, cond_dim=cfg.cond_dim if cfg.text_cond else None, zero_out=True)
-        self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, cfg.cond_dim), nn.SiLU()) if cfg.text_cond else None
-
-    def upsample(self, x_low: Tensor) -> Tensor:
-        """(B, 3, low, low) -> (B, 3, S, S), clamped to [-1, 1] (bicubic overshoots at edges)."""
-        corners = {} if self.cfg.upsample == "nearest" else {"align_corners": False}
-        size = (self.cfg.image_size, self.cfg.image_size)
-        return F.interpolate(x_low, size=size, mode=self.cfg.upsample, **corners).clamp(-1, 1)
-
-    def text_code(self, text: TextEncoding | None, batch_size: int, device: torch.device) -> Tensor | None:
-        """The decoder's condition c (B, cond_dim) from the pooled caption vector; None without text_cond."""
-        if self.text_proj is None:
-            return None
-        if text is None:
-            pooled = torch.zeros(batch_size, self.cfg.text_dim, device=device)  # the null caption
-        else:
-            pooled = text.pooled.to(device)  # (B, text_dim)
-            if pooled.shape != (batch_size, self.cfg.text_dim):
-                raise ValueError(f"text.pooled has shape {tuple(pooled.shape)}, "
-                                 f"expected ({batch_size}, {self.cfg.text_dim})")
-        return self.text_proj(pooled)  # (B, cond_dim)
-
-    def forward(self, x_low: Tensor, text: TextEncoding | None = None,
-                rng: torch.Generator | None = None) -> tuple[Tensor, VQOutput]:
-        if x_low.shape[-1] != self.cfg.low_size or x_low.shape[-2] != self.cfg.low_size:
-            raise ValueError(f"expected ({self.cfg.low_size}, {self.cfg.low_size}) inputs, got {tuple(x_low.shape)}")
-        x_up = self.upsample(x_low)  # (B, 3, S, S)
-        vq = self.quantize(self.encode(x_up), rng)  # z_q (B, D, 32, 32), indices (B, 32, 32)
-        c = self.text_code(text, x_low.shape[0], x_low.device)  # (B, cond_dim) or None
-        return (x_up + self.decode(vq.z_q, c)).clamp(-1, 1), vq  # (B, 3, S, S)
+    def training_inputs(self, x_real: Tensor, captions: list[str] | None, encoder=None,
+                        rng: torch.Generator | None = None, text_dropout: float = 0.0) -> tuple:
+        """What :func:`train_vqvae` feeds the model for real images (B, 3, S, S): the images themselves."""
+        return (x_real,)
 
 
 # -----------------------------------------------------------------------------------------------
 # Training
 
 
-def refiner_inputs(refiner: "Refiner", x_real: Tensor, captions: list[str] | None, encoder=None,
-                   rng: torch.Generator | None = None, text_dropout: float = 0.0) -> tuple[Tensor, TextEncoding | None]:
-    """A refiner's training inputs for real images (B, 3, 64, 64): the area-downsampled images
-    (B, 3, 32, 32) and, for a text-conditioned refiner, the captions' encoding with a fraction
-    ``text_dropout`` of them replaced by the null caption (pooled vector zeroed, drawn from ``rng``),
-    so the refiner also learns to work without text. None for the text otherwise."""
-    x_low = F.avg_pool2d(x_real, refiner.cfg.image_size // refiner.cfg.low_size)  # (B, 3, 32, 32)
-    if not refiner.cfg.text_cond:
-        return x_low, None
-    text = encoder.encode(captions).to(x_real.device)
-    keep = (torch.rand(len(captions), generator=rng) >= text_dropout).float().to(x_real.device)  # (B,)
-    return x_low, TextEncoding(text.tokens, text.mask, text.pooled * keep[:, None])
+@dataclass
+class VQTrainConfig(PresetConfig):
+    batch_size: int = 32  # images per step, over all processes
+    lr: float = 2e-3  # peak learning rate: linear warm-up over min(100, steps / 10) steps, cosine decay to lr / 10
+    recon_loss: str = "mse"  # "mse" (what PSNR measures; BENCHMARKS.md says why not L1 here) or "l1"
+    text_dropout: float = 0.1  # fraction of captions replaced by the null caption (a text-conditioned refiner)
+    seed: int = 0  # seeds the batch order, dead-code restarts and text dropout (the global RNG is not touched)
+
+    SIZES = {"quick": dict(batch_size=8)}
+
+    def __post_init__(self):
+        if self.recon_loss not in ("l1", "mse"):
+            raise ValueError(f"recon_loss must be 'l1' or 'mse', got {self.recon_loss!r}")
 
 
-def _batch(data, idx: Tensor) -> tuple[Tensor, list[str] | None]:
-    """Images (B, 3, S, S) and captions (None for a tensor) of the items ``idx`` of a dataset or a tensor."""
-    if isinstance(data, Tensor):
-        return data[idx], None
-    items = [data[int(i)] for i in idx]
-    captions = [it["caption"] for it in items] if "caption" in items[0] else None
-    return torch.stack([it["image"] for it in items]), captions
-
-
-def train_vqvae(model: VQVAE, data, steps: int = 1000, batch_size: int = 32, lr: float = 2e-3,
-                device: str | torch.device | None = None, seed: int = 0, progress: bool = True,
-                log_every: int = 10, encoder=None, recon_loss: str = "mse", text_dropout: float = 0.1,
+def train_vqvae(model: VQVAE, data, cfg: VQTrainConfig | None = None, steps: int = 1000,
+                device: str | torch.device | None = None, encoder=None, progress: bool = True, log_every: int = 10,
                 checkpoint_dir: str | Path | None = None, checkpoint_every: int = 200) -> dict:
-    """Trains a VQVAE (input = target = x_real) or a Refiner (input = x_real area-downsampled to
-    ``cfg.low_size``, as ShapesDataset makes its 32x32 images) with reconstruction + VQ loss, Adam.
-
-    Why the squared error (``recon_loss="mse"``): it is what PSNR measures, and it trains. L1 is the
-    usual choice for super-resolution (sharper, Lim et al. 2017) and VQGAN's pixel loss, but here
-    the refiner's residual starts at exactly zero and ~89 % of the pixels need no correction at all:
-    L1 pulls every one of them back to zero with the same force as an edge pixel away from it, its
-    minimiser is "correct nothing", and in our runs (600 steps, no warm-up) the L1 refiner had not
-    left bicubic while the MSE one was 4.5 dB above it. ``"l1"`` is there to try this.
+    """Trains a VQVAE (input = target = x_real), or a Refiner (input = x_real area-downsampled, see
+    :meth:`~textimg.refiner.Refiner.training_inputs`), on reconstruction + VQ loss with Adam.
 
     Args:
-        model: a VQVAE or a Refiner (moved to ``device`` here).
+        model: a VQVAE or a Refiner (trained in place).
         data: a dataset of items {"image": (3, S, S) in [-1, 1], "caption": str}, e.g.
             ``ShapesDataset(n)`` (64x64), or a tensor (N, 3, S, S) of images (no captions).
-        steps, batch_size, lr: Adam steps, images per step, peak learning rate (linear warm-up over
-            min(100, steps / 10) steps, which keeps the early ReLUs alive, then cosine decay to lr / 10).
+        cfg: a VQTrainConfig (default ``VQTrainConfig()``). steps: Adam steps.
         device: where to train; None keeps the model's device.
-        seed: seeds the batch order, the dead-code restarts and the text dropout (one CPU
-            torch.Generator; the global RNG is not touched), so a run repeats exactly.
-        progress: show a tqdm bar.
-        log_every: record the losses every this many steps (and at the last step).
         encoder: a TextEncoder, needed by a text-conditioned Refiner (captions are encoded once, cached).
-        recon_loss: "mse" or "l1".
-        text_dropout: fraction of captions replaced by the null caption (zeros), so ``text=None`` works.
-        checkpoint_dir: where ``vqvae_training.pt`` goes (None: no checkpoints): written atomically
-            every ``checkpoint_every`` steps and at the end. If it exists, training resumes from it
-            exactly (model, optimiser, schedule, the loop's RNG, the data order, the history); it
-            must come from a run with the same config and arguments. Loaded with ``weights_only=True``.
+        progress: show a progress bar. log_every: record the losses every this many steps (and the last).
+        checkpoint_dir: where ``vqvae_training.pt`` goes (None: none), every ``checkpoint_every``
+            steps and at the end; training resumes from it exactly if it exists (same config and steps).
 
     Returns:
         {"step", "loss", "recon", "vq_loss", "commit_loss", "codebook_loss", "perplexity", "usage":
         lists, one entry per logged step (perplexity and usage of that step's batch), "seconds": float}.
     """
-    if recon_loss not in ("l1", "mse"):
-        raise ValueError(f"recon_loss must be 'l1' or 'mse', got {recon_loss!r}")
-    is_refiner = isinstance(model, Refiner)
-    with_text = is_refiner and model.cfg.text_cond
-    if with_text and encoder is None:
+    cfg = cfg or VQTrainConfig()
+    if getattr(model.cfg, "text_cond", False) and encoder is None:
         raise ValueError("this Refiner is text-conditioned (cfg.text_cond): pass encoder=TextEncoder(...)")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device).train()
-    rng = torch.Generator().manual_seed(seed)  # CPU: the same run on every device
-    opt = torch.optim.Adam(model.parameters(), lr=lr)  # an EMA codebook is a buffer, not in here
+    accelerator = make_accelerator(device or next(model.parameters()).device, amp=False)
+    rng = torch.Generator().manual_seed(cfg.seed)  # CPU: the same run on every device
+    net, opt = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=cfg.lr))  # an EMA codebook is a buffer
     warmup = min(100, steps // 10)
 
     def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to lr / 10
@@ -484,52 +379,35 @@ def train_vqvae(model: VQVAE, data, steps: int = 1000, batch_size: int = 32, lr:
         return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    pixel_loss = F.l1_loss if recon_loss == "l1" else F.mse_loss
+    pixel_loss = F.l1_loss if cfg.recon_loss == "l1" else F.mse_loss
     keys = ("loss", "recon", "vq_loss", "commit_loss", "codebook_loss", "perplexity", "usage")
     history = {"step": [], **{k: [] for k in keys}}
-    batch_size = min(batch_size, len(data))
-    order, pos, first, seconds = torch.randperm(len(data), generator=rng), 0, 0, 0.0
-    path = Path(checkpoint_dir) / VQVAE_CHECKPOINT_NAME if checkpoint_dir is not None else None
-    run = {"format": VQVAE_CHECKPOINT_FORMAT, "model": type(model).__name__, "config": model.cfg.to_dict(),
-           "args": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "recon_loss": recon_loss,
-                    "text_dropout": text_dropout, "num_items": len(data)}}
-    if path is not None and path.is_file():
-        state = load_checkpoint(path)  # weights_only=True: no pickled code runs
-        if {k: state.get(k) for k in run} != run:
-            raise ValueError(f"{path} is from another run ({ {k: state.get(k) for k in ('model', 'args')} }); "
-                             "resume with the same model config and arguments, or use another checkpoint_dir")
-        model.load_state_dict(state["state"])
+    batches = BatchOrder(len(data), cfg.batch_size, rng=rng, rank=accelerator.process_index,
+                         world=accelerator.num_processes)
+    checkpoint = TrainingCheckpoint(checkpoint_dir, "vqvae_training", {
+        "model": type(model).__name__, "config": model.cfg.to_dict(), "train_config": cfg.to_dict(),
+        "steps": steps, "num_items": len(data)}, accelerator)
+    first, seconds = 0, 0.0
+    state = checkpoint.load(rng)
+    if state is not None:
+        model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         schedule.load_state_dict(state["schedule"])
-        rng.set_state(state["rng"])
-        order, pos, first = state["order"], state["pos"], state["step"]
-        history, seconds = state["history"], state["seconds"]
-
-    def save(next_step: int, elapsed: float) -> None:
-        save_checkpoint({**run, "step": next_step, "seconds": elapsed, "state": model.state_dict(),
-                         "opt": opt.state_dict(), "schedule": schedule.state_dict(), "rng": rng.get_state(),
-                         "order": order, "pos": pos, "history": history}, path)
+        batches.load_state_dict(state["data"])
+        history, first, seconds = state["history"], state["step"], state["seconds"]
 
     start = time.perf_counter()
-    bar = range(first, steps)
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(bar, desc=type(model).__name__, unit="step", initial=first, total=steps)
+    net.train()
+    bar = tqdm(range(first, steps), desc=type(model).__name__, unit="step", initial=first, total=steps,
+               disable=not progress or not accelerator.is_main_process)
     for step in bar:
-        if pos + batch_size > len(order):  # a new epoch, a new order
-            order, pos = torch.randperm(len(data), generator=rng), 0
-        x_real, captions = _batch(data, order[pos:pos + batch_size])  # (B, 3, S, S)
-        pos += batch_size
-        x_real = x_real.to(device)
-        if is_refiner:
-            x_low, text = refiner_inputs(model, x_real, captions, encoder, rng, text_dropout)
-            x_rec, vq = model(x_low, text, rng=rng)
-        else:
-            x_rec, vq = model(x_real, rng=rng)
+        x_real, captions, _ = fetch(data, batches.next())  # (B, 3, S, S)
+        x_real = x_real.to(accelerator.device)
+        x_rec, vq = net(*model.training_inputs(x_real, captions, encoder, rng, cfg.text_dropout), rng=rng)
         recon = pixel_loss(x_rec, x_real)
         loss = recon + vq.loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        accelerator.backward(loss)
         opt.step()
         schedule.step()
 
@@ -538,148 +416,11 @@ def train_vqvae(model: VQVAE, data, steps: int = 1000, batch_size: int = 32, lr:
             for key, value in zip(keys, (loss, recon, vq.loss, vq.commit_loss, vq.codebook_loss,
                                          vq.perplexity, vq.usage)):
                 history[key].append(value.item())
-            if progress:
-                bar.set_postfix(recon=f"{recon.item():.4f}", perplexity=f"{vq.perplexity.item():.0f}")
-        if path is not None and ((step + 1) % checkpoint_every == 0 or step == steps - 1):
-            save(step + 1, seconds + time.perf_counter() - start)
+            bar.set_postfix(recon=f"{recon.item():.4f}", perplexity=f"{vq.perplexity.item():.0f}")
+        if (step + 1) % checkpoint_every == 0 or step == steps - 1:
+            checkpoint.save({"step": step + 1, "seconds": seconds + time.perf_counter() - start,
+                             "model": model.state_dict(), "opt": opt.state_dict(), "schedule": schedule.state_dict(),
+                             "data": batches.state_dict(), "history": history}, rng)
+    unwrap(accelerator, net)
     history["seconds"] = seconds + time.perf_counter() - start
     return history
-
-
-def train_refiner(refiner: Refiner, data, steps: int = 2000, batch_size: int = 32, lr: float = 2e-3,
-                  device: str | torch.device | None = None, seed: int = 0, progress: bool = True,
-                  log_every: int = 10, encoder=None, **kwargs) -> dict:
-    """Trains a Refiner on (area-downsampled x_real, x_real) pairs made from ``data`` (64x64 images):
-    :func:`train_vqvae` with a check that ``refiner`` is one. See there for the arguments."""
-    if not isinstance(refiner, Refiner):
-        raise TypeError(f"train_refiner trains a Refiner, got {type(refiner).__name__}; use train_vqvae")
-    return train_vqvae(refiner, data, steps, batch_size, lr, device, seed, progress, log_every, encoder, **kwargs)
-
-
-@torch.no_grad()
-def refine(refiner: Refiner, x_low: Tensor, text: TextEncoding | None = None, batch_size: int = 256,
-           return_indices: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """Refines low-res images (B, 3, 32, 32) in [-1, 1] to (B, 3, 64, 64) in [-1, 1], in eval mode.
-
-    Runs in batches of ``batch_size`` on the refiner's device and returns there; ``text`` (B
-    captions) is used only by a text-conditioned refiner (None: the null caption). With
-    ``return_indices`` also returns the codes (B, 32, 32).
-    """
-    device = next(refiner.parameters()).device
-    was_training = refiner.training
-    refiner.eval()
-    try:
-        out, codes = [], []
-        for s in range(0, x_low.shape[0], batch_size):
-            t = text[s:s + batch_size].to(device) if text is not None else None
-            x_rec, vq = refiner(x_low[s:s + batch_size].to(device), t)
-            out.append(x_rec)
-            codes.append(vq.indices)
-        x_rec, indices = torch.cat(out), torch.cat(codes)
-        return (x_rec, indices) if return_indices else x_rec
-    finally:
-        refiner.train(was_training)
-
-
-def bicubic(x_low: Tensor, size: int = 64) -> Tensor:
-    """The baseline: bicubic upsampling (align_corners=False) to (B, 3, size, size), clamped to [-1, 1]."""
-    return F.interpolate(x_low, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
-
-
-def evaluate_refiner(refiner: Refiner, num_samples: int = 2000, split: str = "test", seed: int = 0,
-                     encoder=None, batch_size: int = 256) -> dict[str, float]:
-    """PSNR and SSIM of the refiner and of bicubic upsampling against the real 64x64 images, and the
-    codebook's usage and perplexity over all the refiner's codes, on ``num_samples`` images of a split.
-
-    The 32x32 inputs are ShapesDataset's own (the 64x64 render area-averaged). A text-conditioned
-    refiner reads the captions through ``encoder`` (None: the null caption).
-    """
-    from textimg.data import ShapesDataset
-
-    high = ShapesDataset(num_samples, split=split, seed=seed, cache=False)
-    x_real = torch.stack([high[i]["image"] for i in range(num_samples)])  # (N, 3, 64, 64)
-    x_low = F.avg_pool2d(x_real, refiner.cfg.image_size // refiner.cfg.low_size)  # (N, 3, 32, 32)
-    text = encoder.encode(high.captions()) if encoder is not None and refiner.cfg.text_cond else None
-    x_rec, indices = refine(refiner, x_low, text, batch_size, return_indices=True)
-    x_bic = bicubic(x_low, refiner.cfg.image_size)
-    K = refiner.cfg.num_codes
-    return {"images": num_samples, "split": split, "psnr_refiner": psnr(x_rec.cpu(), x_real),
-            "psnr_bicubic": psnr(x_bic, x_real), "ssim_refiner": ssim(x_rec.cpu(), x_real),
-            "ssim_bicubic": ssim(x_bic, x_real), "usage": codebook_usage(indices, K),
-            "perplexity": codebook_perplexity(indices, K)}
-
-
-# -----------------------------------------------------------------------------------------------
-# The committed checkpoint
-
-
-def save_refiner(refiner: Refiner, directory: str | Path = REFINER_DIR, facts: dict | None = None,
-                 manifest: str | Path | None = MANIFEST) -> Path:
-    """Writes the refiner (model.safetensors + config.json with ``facts``) and records both files'
-    SHA-256 in ``manifest`` (None: no manifest)."""
-    return save_pretrained_module(refiner, {"model": "Refiner", "config": refiner.cfg.to_dict(), **(facts or {})},
-                                  directory, manifest)
-
-
-def load_refiner(directory: str | Path = REFINER_DIR, manifest: str | Path | None = MANIFEST) -> Refiner:
-    """Loads the committed refiner (or one saved by :func:`save_refiner`), checking its files' SHA-256.
-
-    Safe (safetensors: no pickled code runs). Returned on the CPU in eval mode, trainable (notebook
-    04 fine-tunes it). A text-conditioned refiner wants the encoder named in its config.json
-    ("text_encoder"). Raises FileNotFoundError, ChecksumError or ValueError naming the file.
-    """
-    state, config = load_pretrained_state(directory, manifest)
-    refiner = Refiner(RefinerConfig.from_dict(config["config"]))
-    refiner.load_state_dict(state)
-    return refiner.eval()
-
-
-def train_and_save_refiner(directory: str | Path = REFINER_DIR, preset: str = "cpu", steps: int = 2000,
-                           num_train: int = 20_000, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
-                           text_encoder: str | None = "minilm", device: str | torch.device | None = None,
-                           progress: bool = True) -> dict:
-    """Trains a refiner of ``RefinerConfig.preset(preset)`` on ``num_train`` training images, measures
-    it on 2,000 test images, and saves it with the facts. Returns the facts.
-
-    This is how ``checkpoints/refiner`` was made: ``python -m textimg.vqvae``. ``text_encoder=None``
-    trains without text conditioning.
-    """
-    from textimg.data import ShapesDataset
-    from textimg.text import TextEncoder
-
-    encoder = TextEncoder(text_encoder) if text_encoder else None
-    cfg = RefinerConfig.preset(preset, text_cond=encoder is not None,
-                               **({"text_dim": encoder.dim} if encoder is not None else {}))
-    with torch.random.fork_rng(devices=[]):  # the weights come from `seed`; the global RNG is untouched
-        torch.manual_seed(seed)
-        refiner = Refiner(cfg)
-    data = ShapesDataset(num_train, split="train", seed=seed)
-    if encoder is not None:
-        encoder.encode_dataset(data.captions(), progress=progress)
-    history = train_refiner(refiner, data, steps, batch_size, lr, device, seed, progress, log_every=100,
-                            encoder=encoder)
-    refiner.cpu()
-    scores = evaluate_refiner(refiner, 2000, "test", seed=0, encoder=encoder)
-    four = lambda v: float(f"{v:.4g}")  # noqa: E731 (four significant digits)
-    facts = {
-        "text_encoder": text_encoder,
-        "training": {"function": "textimg.vqvae.train_and_save_refiner", "preset": preset, "seed": seed,
-                     "steps": steps, "num_train": num_train, "batch_size": batch_size, "lr": lr,
-                     "schedule": f"linear warm-up over {min(100, steps // 10)} steps, cosine decay to lr / 10",
-                     "recon_loss": "mse",
-                     "text_dropout": 0.1, "seconds": round(history["seconds"], 1), "device": str(device or "cpu"),
-                     "torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "date": datetime.date.today().isoformat()},
-        "history": {k: [four(v) for v in history[k]] if k != "step" else history[k]
-                    for k in ("step", "recon", "vq_loss", "perplexity", "usage")},
-        "test": {k: four(v) if isinstance(v, float) else v for k, v in scores.items()},
-        "parameters": count_parameters(refiner),
-    }
-    save_refiner(refiner, directory, facts, Path(directory).parent / MANIFEST.name)
-    return facts
-
-
-if __name__ == "__main__":
-    import json
-
-    print(json.dumps(train_and_save_refiner(), indent=2))
