@@ -33,10 +33,13 @@ def main(argv: list[str] | None = None) -> dict:
     from bench_stages import machine
 
     from textimg.data import NUM_CLASSES, ShapesDataset
-    from textimg.gan import Discriminator, DiscriminatorConfig, GANTrainConfig, evaluate_generator, train_gan
+    from textimg.discriminator import Discriminator, DiscriminatorConfig
+    from textimg.gan import GANTrainConfig, train_gan
     from textimg.generator import Generator, GeneratorConfig
     from textimg.metrics import load_judge
+    from textimg.pipeline import TextToImagePipeline, evaluate_pipeline
     from textimg.text import TextEncoder
+    from textimg.utils import seeded
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="cpu", choices=("quick", "cpu", "gpu"))
@@ -55,8 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"machine": machine(), "preset": args.preset, "steps": args.steps, "device": device, "variants": {}}
     print(f"{'variant':48s}{'shape':>8s}{'all':>8s}{'diversity':>11s}{'ms/step':>9s}", flush=True)
     for name, (train_over, d_over) in VARIANTS.items():
-        with torch.random.fork_rng(devices=[]):  # every variant starts from the same weights where it can
-            torch.manual_seed(0)
+        with seeded(0):  # every variant starts from the same weights where it can
             generator = Generator(GeneratorConfig.preset(args.preset, text_dim=encoder.dim))
             discriminator = Discriminator(DiscriminatorConfig.preset(args.preset, text_dim=encoder.dim,
                                                                      **{"num_classes": NUM_CLASSES, **d_over}))
@@ -65,9 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
         train_gan(generator, discriminator, encoder, data, cfg, steps=args.steps, progress=False,
                   log_every=args.steps, device=device)
         ms = 1000 * (time.perf_counter() - start) / args.steps
-        scores = evaluate_generator(generator.cpu(), encoder.to("cpu"), judge, args.num_eval)
+        pipe = TextToImagePipeline(generator.cpu(), None, encoder.to("cpu"))
+        scores = evaluate_pipeline(pipe, judge, args.num_eval, size=32, parts=("seen", "diversity"))
         encoder.to(device)
-        acc = scores["accuracy"]
+        acc = scores["seen"]
         results["variants"][name] = {"accuracy": acc, "diversity": scores["diversity"], "ms_per_step": ms}
         print(f"{name:48s}{acc['shape']:8.1%}{acc['all']:8.1%}{scores['diversity']:11.2f}{ms:9.0f}", flush=True)
     if args.json:

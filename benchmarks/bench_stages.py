@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 
@@ -23,14 +21,10 @@ import torch
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from textimg.training import describe_machine
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
+    return f"{describe_machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
 
 
 def median_time(fn, repeats: int = 3) -> float:
@@ -108,7 +102,8 @@ def bench_generator_step(batch: int = 64, steps: int = 10) -> dict:
 
 
 def bench_vqvae_step(batch: int = 32, steps: int = 10) -> dict:
-    from textimg.vqvae import VQVAE, Refiner, RefinerConfig, VQVAEConfig, train_refiner, train_vqvae
+    from textimg.refiner import Refiner, RefinerConfig, train_refiner
+    from textimg.vqvae import VQVAE, VQTrainConfig, VQVAEConfig, train_vqvae
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x_real = torch.rand(batch, 3, 64, 64) * 2 - 1  # one batch: the step, not the data path
@@ -117,8 +112,9 @@ def bench_vqvae_step(batch: int = 32, steps: int = 10) -> dict:
         for name, model, train in (("VQ-VAE", VQVAE(VQVAEConfig.preset(preset)), train_vqvae),
                                    ("refiner", Refiner(RefinerConfig.preset(preset, text_cond=False)), train_refiner)):
             model.to(device)
-            train(model, x_real, steps=2, batch_size=batch, progress=False)  # warm-up
-            seconds = statistics.median(train(model, x_real, steps=steps, batch_size=batch, progress=False,
+            cfg = VQTrainConfig(batch_size=batch)
+            train(model, x_real, cfg, steps=2, progress=False)  # warm-up
+            seconds = statistics.median(train(model, x_real, cfg, steps=steps, progress=False,
                                               log_every=steps)["seconds"] for _ in range(3))
             out[f"{name} {preset} preset: {model.num_parameters():,} params, ms/step (batch {batch}, {device})"] = \
                 1000 * seconds / steps
@@ -130,7 +126,8 @@ def bench_gan_step(steps: int = 10) -> dict:
     """One `train_gan` step per preset (its own batch size: 16 / 32 / 64): D's step and G's, with the
     captions' text already cached and the images rendered; median of 3 runs of ``steps`` steps."""
     from textimg.data import NUM_CLASSES, ShapesDataset
-    from textimg.gan import Discriminator, DiscriminatorConfig, GANTrainConfig, train_gan
+    from textimg.discriminator import Discriminator, DiscriminatorConfig
+    from textimg.gan import GANTrainConfig, train_gan
     from textimg.generator import Generator, GeneratorConfig
     from textimg.text import TextEncoder
 

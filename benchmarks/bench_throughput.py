@@ -40,10 +40,17 @@ from bench_stages import machine  # noqa: E402
 
 from textimg.config import get_preset  # noqa: E402
 from textimg.data import NUM_CLASSES, ShapesDataset  # noqa: E402
-from textimg.gan import (Discriminator, DiscriminatorConfig, GANTrainConfig, _amp_dtype, _autocast, d_step,  # noqa: E402
-                         g_step, train_gan)
+from textimg.discriminator import Discriminator, DiscriminatorConfig  # noqa: E402
+from textimg.gan import GANTrainConfig, d_step, g_step, train_gan  # noqa: E402
 from textimg.generator import Generator, GeneratorConfig  # noqa: E402
 from textimg.text import TextEncoder, TextEncoding, masked_mean  # noqa: E402
+from textimg.training import Engine, make_accelerator  # noqa: E402
+from textimg.utils import seeded  # noqa: E402
+
+
+def _precision(device: torch.device, amp: bool) -> str:
+    """The precision train_gan's Accelerator uses on ``device``."""
+    return make_accelerator(device, amp).mixed_precision
 
 
 
@@ -66,9 +73,9 @@ def _timed(step, steps: int, warmup: int, device: torch.device, batch: int) -> d
 
 
 def _models(preset: str, text_dim: int, device: torch.device):
-    torch.manual_seed(0)
-    g = Generator(GeneratorConfig.preset(preset, text_dim=text_dim)).to(device)
-    d = Discriminator(DiscriminatorConfig.preset(preset, text_dim=text_dim, num_classes=NUM_CLASSES)).to(device)
+    with seeded(0):
+        g = Generator(GeneratorConfig.preset(preset, text_dim=text_dim)).to(device)
+        d = Discriminator(DiscriminatorConfig.preset(preset, text_dim=text_dim, num_classes=NUM_CLASSES)).to(device)
     return g, d
 
 
@@ -85,7 +92,7 @@ def real_loop(preset: str, steps: int, warmup: int, device: torch.device, encode
     train_gan(g, d, encoder, data, cfg, steps=warmup + steps, progress=False, log_every=1, device=device,
               callback=mark)
     seconds = marks[warmup + steps - 1] - marks[warmup - 1]
-    return {"batch": cfg.batch_size, "precision": str(_amp_dtype(device, cfg.amp) or torch.float32),
+    return {"batch": cfg.batch_size, "precision": _precision(device, cfg.amp),
             "seconds_per_step": seconds / steps, "images_per_s": steps * cfg.batch_size / seconds}
 
 
@@ -93,11 +100,12 @@ def synthetic_loop(preset: str, steps: int, warmup: int, device: torch.device, t
     cfg = GANTrainConfig.preset(preset)
     B, T = cfg.batch_size, 12
     g, d = _models(preset, text_dim, device)
-    amp_dtype = _amp_dtype(device, cfg.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    g_opt = torch.optim.Adam(g.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
-    d_opt = torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
+    accelerator = make_accelerator(device, cfg.amp)
+    betas = (cfg.beta1, cfg.beta2)
+    g, d, g_opt, d_opt = accelerator.prepare(g, d, torch.optim.Adam(g.parameters(), lr=cfg.lr_g, betas=betas),
+                                             torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=betas))
     rng = torch.Generator().manual_seed(0)
+    engine = Engine(accelerator, rng)
     x_real = (torch.rand(B, 3, 32, 32, generator=rng) * 2 - 1).to(device)
     tokens = torch.randn(B, T, text_dim, generator=rng).to(device)
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
@@ -106,15 +114,14 @@ def synthetic_loop(preset: str, steps: int, warmup: int, device: torch.device, t
     labels = torch.stack([torch.randint(0, n, (B,), generator=rng) for n in NUM_CLASSES], dim=1).to(device)
 
     def step(i):
-        z = torch.randn(B, g.cfg.z_dim, generator=rng).to(device)
-        with torch.no_grad(), _autocast(device, amp_dtype):
+        engine.step = i
+        z = torch.randn(B, engine.plain(g).cfg.z_dim, generator=rng).to(device)
+        with torch.no_grad(), engine.autocast():
             x_fake = g(z, text, rng=rng)
-        d_step(d, d_opt, x_real, x_fake, text, wrong, loss=cfg.d_loss, augment=cfg.augment, rng=rng, scaler=scaler,
-               amp_dtype=amp_dtype, step=i, labels=labels, aux_weight=cfg.aux_weight)
-        g_step(g, d, g_opt, z, text, loss=cfg.g_loss, kl_weight=cfg.kl_weight, augment=cfg.augment, rng=rng,
-               scaler=scaler, amp_dtype=amp_dtype, step=i, labels=labels, aux_weight=cfg.aux_weight)
+        d_step(d, d_opt, x_real, x_fake, text, wrong, labels, cfg, engine)
+        g_step(g, d, g_opt, z, text, labels, cfg, engine)
 
-    return {"batch": B, "precision": str(amp_dtype or torch.float32), **_timed(step, steps, warmup, device, B)}
+    return {"batch": B, "precision": _precision(device, cfg.amp), **_timed(step, steps, warmup, device, B)}
 
 
 def source_loop(preset: str, steps: int, warmup: int, device: torch.device, tokenizer, batch: int = 64,
@@ -166,7 +173,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=("quick", "cpu", "gpu"), default=None,
                         help="default: gpu with CUDA, else cpu")
     parser.add_argument("--steps", type=int, default=20, help="timed steps of the real and synthetic loops")
-    parser.add_argument("--source-steps", type=int, default=None, help="timed steps of the source loop (default: --steps)")
+    parser.add_argument("--source-steps", type=int, default=None,
+                        help="timed steps of the source loop (default: --steps)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
@@ -189,14 +197,15 @@ def main() -> None:
     results["real_over_synthetic"] = real / results["synthetic"]["images_per_s"]
     results["real_over_source"] = real / results["source"]["images_per_s"]
     results["real_over_source_as_written"] = real / results["source_as_written"]["images_per_s"]
-    print(f"\n| loop | batch | precision | ms/step | images/s |\n|---|---|---|---|---|")
+    print("\n| loop | batch | precision | ms/step | images/s |\n|---|---|---|---|---|")
     for name in ("real", "synthetic", "source", "source_as_written"):
         r = results[name]
         print(f"| {name} | {r['batch']} | {r['precision'].replace('torch.', '')} | "
               f"{1000 * r['seconds_per_step']:.1f} | {r['images_per_s']:.0f} |")
     print(f"\nreal / synthetic = {results['real_over_synthetic']:.2f} (target >= 0.8)")
     print(f"real / source    = {results['real_over_source']:.1f}x (target >= 10x; BERT under no_grad)")
-    print(f"real / source as written = {results['real_over_source_as_written']:.1f}x (BERT with autograd, as the source's code)")
+    print(f"real / source as written = {results['real_over_source_as_written']:.1f}x "
+          "(BERT with autograd, as the source's code)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -28,8 +28,8 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python - > "$OUT/modules.txt" 2>&1 <<'PY'
 import importlib, sys
 print(sys.version)
-for m in ("torch", "torchvision", "transformers", "safetensors", "torchmetrics", "numpy", "PIL", "matplotlib",
-          "tqdm", "nbclient", "nbformat", "ipykernel", "ipywidgets"):
+for m in ("torch", "torchvision", "transformers", "accelerate", "safetensors", "torchmetrics", "numpy", "PIL",
+          "matplotlib", "tqdm", "nbclient", "nbformat", "ipykernel", "ipywidgets"):
     try:
         mod = importlib.import_module(m)
         print(m, getattr(mod, "__version__", "?"))
@@ -67,8 +67,8 @@ PY
     timeout 560 python -m textimg train --preset gpu --out runs/device/train_gpu --no-progress \
       >> "$OUT/train_gpu.log" 2>&1
     echo "exit $?" >> "$OUT/train_gpu.log"
-    [ -d runs/device/train_gpu/pipeline ] && cp -r runs/device/train_gpu/pipeline runs/device/train_gpu/generator \
-      runs/device/train_gpu/refiner_gan "$OUT/" 2>/dev/null
+    [ -d runs/device/train_gpu/pipeline ] && cp -r runs/device/train_gpu/pipeline runs/device/train_gpu/refiner \
+      "$OUT/" 2>/dev/null
     [ -d runs/device/train_gpu/pipeline ] && timeout 120 python -m textimg evaluate \
       --model runs/device/train_gpu/pipeline --json "$OUT/metrics_gpu.json" --no-progress > "$OUT/evaluate_gpu.txt" 2>&1
     ;;

@@ -307,7 +307,8 @@ def check_g_loss_nonsaturating(fn: Callable[[torch.Tensor], torch.Tensor]) -> bo
             return _report(False, "", f"your function raised {type(err).__name__}: {err}")
         if got.numel() != 1 or not torch.isfinite(got).all():
             return _report(False, "", "one finite number expected, for any logits: work from logits.")
-        if abs(got.item() - g_loss_saturating(fake).item()) < 1e-6 < abs(got.item() - g_loss_nonsaturating(fake).item()):
+        saturating, nonsaturating = g_loss_saturating(fake).item(), g_loss_nonsaturating(fake).item()
+        if abs(got.item() - saturating) < 1e-6 < abs(got.item() - nonsaturating):
             return _report(False, "", "that is the saturating E[log(1 - D(G(z)))]: G should *maximise* log D(G(z)).")
         if abs(got.item() - g_loss_nonsaturating(fake).item()) > 1e-4 * max(1.0, abs(got.item())):
             return _report(False, "", "-log sigmoid(l) = softplus(-l), averaged over the batch.")
@@ -377,7 +378,8 @@ def check_frechet_distance(fn: Callable[[torch.Tensor, torch.Tensor], float]) ->
             return _report(False, "", f"your function raised {type(err).__name__}: {err}")
         expected = _frechet_reference(a, b)
         if abs(got - expected) > 1e-3 * max(1.0, abs(expected)):
-            hint = ("the mean term alone? Add the covariance term." if abs(got - (a.mean(0) - b.mean(0)).square().sum().item()) < 1e-6
+            mean_term = (a.mean(0) - b.mean(0)).square().sum().item()
+            hint = ("the mean term alone? Add the covariance term." if abs(got - mean_term) < 1e-6
                     else "use torch.cov(x.T) for the covariances and a matrix square root of S_a S_b (its trace is "
                          "the sum of the square roots of its eigenvalues, torch.linalg.eigvals).")
             return _report(False, "", f"expected {expected:.4f}, got {got:.4f}: {hint}")
@@ -405,9 +407,11 @@ def check_lerp_path(fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor
         w = torch.linspace(0, 1, steps).unsqueeze(1)
         expected = (1 - w) * a + w * b
         if got.shape != expected.shape:
-            return _report(False, "", f"for steps={steps} expected shape {tuple(expected.shape)}, got {tuple(got.shape)}.")
+            return _report(False, "", f"for steps={steps} expected shape {tuple(expected.shape)}, "
+                                      f"got {tuple(got.shape)}.")
         if not torch.allclose(got, expected, atol=1e-5):
-            return _report(False, "", "point i is (1 - w_i) a + w_i b with w_i = i / (steps - 1): the first is a, the last b.")
+            return _report(False, "", "point i is (1 - w_i) a + w_i b with w_i = i / (steps - 1): "
+                                      "the first is a, the last b.")
     return _report(True, "Right: pipe.interpolate walks this path in the text embedding, with one fixed z.", "")
 
 
@@ -420,8 +424,8 @@ def check_paraphrase(prompt: str, labels: dict, pipe, judge, seeds: int = 8, nee
     if _unanswered(prompt) or _unanswered(labels):
         return False
     if set(labels) != set(ATTRIBUTES) or any(labels[a] not in ATTRIBUTES[a] for a in ATTRIBUTES):
-        return _report(False, "", f"labels must give one word per attribute, e.g. {{'shape': 'star', 'color': 'red', "
-                       f"'size': 'large', 'position': 'center'}}; words from ShapesDataset.ATTRIBUTES.")
+        return _report(False, "", "labels must give one word per attribute, e.g. {'shape': 'star', 'color': 'red', "
+                       "'size': 'large', 'position': 'center'}; words from ShapesDataset.ATTRIBUTES.")
     try:
         parse_caption(prompt)
         return _report(False, "", f"{prompt!r} is inside the caption grammar (parse_caption reads it): reword it, "

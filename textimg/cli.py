@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train every stage in order (resumable) and save the pipeline")
     train.add_argument("--preset", choices=PRESETS, default=None,
                        help="model sizes and step counts (default: $TEXTIMG_PRESET, else gpu with CUDA, else cpu)")
-    train.add_argument("--out", type=Path, default=None, help="output directory (default: runs/models/pipeline_training, or "
-                       "runs/models/quick/pipeline_training for --preset quick); checkpoints/ remakes the committed one")
+    train.add_argument("--out", type=Path, default=None,
+                       help="output directory (default: runs/models/pipeline_training, or runs/models/quick/"
+                       "pipeline_training for --preset quick); checkpoints/ remakes the committed one")
     train.add_argument("--num-train", type=_positive_int, help="training images (overrides the preset)")
     train.add_argument("--refiner-steps", type=_positive_int, help="refiner reconstruction steps")
     train.add_argument("--gan-steps", type=_positive_int, help="adversarial steps of the generator")
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="prompts -> an image grid file")
     gen.add_argument("prompts", nargs="*", help="captions, each in quotes")
     gen.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line (added to the others)")
-    gen.add_argument("--model", type=Path, default=None, help="a saved pipeline directory (default: the committed one)")
+    gen.add_argument("--model", type=Path, default=None,
+                     help="a saved pipeline directory (default: the committed one)")
     gen.add_argument("--seed", type=_seed, default=0, help="noise seed: same prompts and seed, same images")
     gen.add_argument("--per-prompt", type=_positive_int, default=1, help="images per prompt (one row each)")
     gen.add_argument("--out", type=Path, default=Path("textimg_grid.png"), help="the grid image (.png, .jpg)")
@@ -82,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true")
 
     judge = sub.add_parser("train-judge", help="train, measure and save the judge that scores generated images")
-    judge.add_argument("--out", type=Path, required=True, help="output directory (checkpoints/judge: the committed one)")
-    judge.add_argument("--preset", choices=("quick", "cpu"), default="cpu", help="cpu: the committed judge; quick: seconds")
+    judge.add_argument("--out", type=Path, required=True,
+                       help="output directory (checkpoints/judge: the committed one)")
+    judge.add_argument("--preset", choices=("quick", "cpu"), default="cpu",
+                       help="cpu: the committed judge; quick: seconds")
     judge.add_argument("--device", default=None)
     judge.add_argument("--no-progress", action="store_true")
     return parser
@@ -130,14 +134,16 @@ def cmd_generate(args) -> int:
     if args.prompts_file is not None:
         if not args.prompts_file.is_file():
             raise FileNotFoundError(f"no prompts file at {args.prompts_file}")
-        prompts += [line.strip() for line in args.prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+        prompts += [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise ValueError("no prompts: give them as arguments (in quotes) or with --prompts-file")
     if args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         raise ValueError(f"--out must end in .png, .jpg, .webp or .bmp, got {args.out.name!r}")
     pipe = _load(args.model, _device(args.device))
     images = pipe.generate(prompts, seed=args.seed, num_per_prompt=args.per_prompt)  # (B * n, 3, 64, 64)
-    grid = image_grid(images, nrow=args.per_prompt if args.per_prompt > 1 else min(8, len(prompts)), value_range=(0, 1))
+    nrow = args.per_prompt if args.per_prompt > 1 else min(8, len(prompts))
+    grid = image_grid(images, nrow=nrow, value_range=(0, 1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(args.out)
     print(f"{images.shape[0]} images ({len(prompts)} prompts x {args.per_prompt}, seed {args.seed}) -> {args.out}")
@@ -162,7 +168,7 @@ def cmd_evaluate(args) -> int:
 def cmd_train_judge(args) -> int:
     from textimg.metrics import JudgeConfig, evaluate_judge, make_judge
 
-    judge = make_judge(args.out, JudgeConfig.preset(args.preset), command=f"textimg train-judge --preset {args.preset}",
+    judge = make_judge(args.out, JudgeConfig.preset(args.preset), command="textimg " + shlex.join(args.argv),
                        device=_device(args.device), progress=not args.no_progress)
     print(f"judge saved to {args.out}; all four attributes right on 2,000 real test images: "
           f"{evaluate_judge(judge)['all']:.2%}")
@@ -178,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     from textimg.utils import ChecksumError
 
     try:
-        commands = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate, "train-judge": cmd_train_judge}
+        commands = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate,
+                    "train-judge": cmd_train_judge}
         return commands[args.command](args)
     except (FileNotFoundError, ChecksumError, TextEncoderNotFoundError, ValueError, TypeError, RuntimeError) as err:
         print(f"textimg {args.command}: error: {err}", file=sys.stderr)

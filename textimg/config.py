@@ -74,8 +74,9 @@ def models_dir(preset: str | None = None) -> Path:
 
     In the ``quick`` preset the default is the ``quick/`` folder inside it: a quick run (the tests,
     CI, an autograder) trains throwaway models and must never replace one a learner trained with
-    ``cpu`` or ``gpu``. ``preset`` overrides the preset in force (``textimg train --preset``). A notebook that needs an earlier stage's model looks here first, then falls
-    back to the committed checkpoint in ``checkpoints/``.
+    ``cpu`` or ``gpu``. ``preset`` overrides the preset in force (``textimg train --preset``). A
+    notebook that needs an earlier stage's model looks here first, then falls back to the committed
+    checkpoint in ``checkpoints/``.
     """
     if os.environ.get("TEXTIMG_MODELS"):
         return Path(os.environ["TEXTIMG_MODELS"]).expanduser()

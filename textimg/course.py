@@ -25,7 +25,8 @@ from .config import PRESETS, get_preset
 
 
 def find_notebooks_dir(start: Path | None = None) -> Path:
-    """The repository's ``notebooks/`` folder: searched from ``start`` (default: cwd) upwards, then beside the package."""
+    """The repository's ``notebooks/`` folder: searched from ``start`` (default: cwd) upwards, then beside
+    the package."""
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents, Path(__file__).resolve().parent.parent):
         if (folder / "notebooks").is_dir() and any((folder / "notebooks").glob("[0-9][0-9]_*.ipynb")):

@@ -88,7 +88,7 @@ class PatchDiscriminatorConfig(PresetConfig):
 class DOutput(NamedTuple):
     logits: Tensor  # (B,), or (B, 1, h, w) per patch: "real, and matches its caption"
     wrong_logits: Tensor | None  # (B,): the same images scored against mismatched captions (GAN-CLS)
-    attributes: Tensor | None  # (B, sum(num_classes)): the AC-GAN head's logits, attribute after attribute
+    attributes: tuple[Tensor, ...] | None  # the AC-GAN head's logits, one (B, num_classes[a]) per attribute a
 
 
 def _sn(layer: nn.Module, on: bool) -> nn.Module:
@@ -139,12 +139,15 @@ class Discriminator(nn.Module):
         c = _pooled(text).to(device=h.device, dtype=h.dtype)  # (B, text_dim)
         return self.psi(h).squeeze(1) + (self.embed(c) * h).sum(dim=1)  # (B,)
 
-    def forward(self, x: Tensor, text: TextEncoding | Tensor, wrong_text: TextEncoding | Tensor | None = None) -> DOutput:
+    def forward(self, x: Tensor, text: TextEncoding | Tensor,
+                wrong_text: TextEncoding | Tensor | None = None) -> DOutput:
         """Scores images with their captions and, given ``wrong_text`` (B mismatched captions), the same
         images against those: phi(x) is computed once and projected onto both."""
         h = self.features(x)  # (B, feature_dim)
         wrong = self.project(h, wrong_text) if wrong_text is not None else None  # real image, wrong caption
-        attributes = self.classifier(h) if self.classifier is not None else None
+        attributes = None  # one (B, n_a) logit tensor per attribute a
+        if self.classifier is not None:
+            attributes = self.classifier(h).split(list(self.cfg.num_classes), dim=1)
         return DOutput(self.project(h, text), wrong, attributes)
 
 
@@ -197,7 +200,8 @@ def _max_shift(side: int) -> int:
     return int(side * 0.125 + 0.5)  # DiffAugment's translation ratio 1/8: 4 pixels at 32, 8 at 64
 
 
-def augment_params(x: Tensor, policy: str = "color,translation", rng: torch.Generator | None = None) -> dict[str, Tensor]:
+def augment_params(x: Tensor, policy: str = "color,translation",
+                   rng: torch.Generator | None = None) -> dict[str, Tensor]:
     """Draws per-image augmentation parameters for a batch like ``x`` (B, C, H, W), as DiffAugment does.
 
     "color": brightness + U[-0.5, 0.5), saturation x U[0, 2), contrast x U[0.5, 1.5) (each (B, 1, 1, 1));

@@ -185,7 +185,8 @@ def _mean_prob(logits: Tensor | None) -> float:
 
 def d_step(discriminator, d_opt: torch.optim.Optimizer, x_real: Tensor, x_fake: Tensor,
            text: TextEncoding | Tensor | None = None, wrong_text: TextEncoding | Tensor | None = None,
-           labels: Tensor | None = None, cfg: GANTrainConfig | None = None, engine: Engine | None = None) -> dict[str, float]:
+           labels: Tensor | None = None, cfg: GANTrainConfig | None = None,
+           engine: Engine | None = None) -> dict[str, float]:
     """One discriminator update. Real images with their captions should be called real; generated
     images (detached: no gradient reaches G) and real images with mismatched captions, fake.
 
@@ -219,11 +220,13 @@ def d_step(discriminator, d_opt: torch.optim.Optimizer, x_real: Tensor, x_fake: 
     d_loss = adv + r1 + cfg.aux_weight * aux
     engine.update(d_loss, d_opt, "d_loss", guard=adv if engine.scaler is not None else None)  # fp16: R1 may overflow
     return {"d_loss": d_loss.item(), "d_adv": adv.item(), "r1": r1.item(), "d_aux": aux.item(),
-            "d_real": _mean_prob(real.logits), "d_fake": _mean_prob(fake.logits), "d_wrong": _mean_prob(real.wrong_logits)}
+            "d_real": _mean_prob(real.logits), "d_fake": _mean_prob(fake.logits),
+            "d_wrong": _mean_prob(real.wrong_logits)}
 
 
 def g_step(generator, discriminator, g_opt: torch.optim.Optimizer, z: Tensor, text: TextEncoding,
-           labels: Tensor | None = None, cfg: GANTrainConfig | None = None, engine: Engine | None = None) -> dict[str, float]:
+           labels: Tensor | None = None, cfg: GANTrainConfig | None = None,
+           engine: Engine | None = None) -> dict[str, float]:
     """One generator update: g_loss = L_G(D(augment(G(z, c)), c)) [+ attribute loss] + kl_weight * KL
     (conditioning augmentation's). D is frozen meanwhile, so only G changes.
 

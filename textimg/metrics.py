@@ -34,6 +34,7 @@ from textimg.config import JUDGE_DIR, PresetConfig
 from textimg.data import ATTRIBUTES, ShapesDataset, parse_caption, render_shape
 from textimg.training import BatchOrder, make_accelerator, run_facts, unwrap
 from textimg.utils import ModelMixin, evaluating, manifest_for, seeded
+from textimg.viz import to_unit
 
 # -----------------------------------------------------------------------------------------------
 # The judge
@@ -162,7 +163,8 @@ def caption_accuracy(judge: nn.Module, images: Tensor, targets: Sequence[str] | 
 
 
 def confusions(judge: nn.Module, images: Tensor, targets: Sequence[str] | Sequence[dict] | Tensor,
-               attribute: str = "shape", given: str | None = None, batch_size: int = 256) -> list[tuple[str, str, int]]:
+               attribute: str = "shape", given: str | None = None,
+               batch_size: int = 256) -> list[tuple[str, str, int]]:
     """The judge's misreadings of one attribute, most frequent first: where the errors are.
 
     Args:
@@ -243,7 +245,8 @@ def train_judge(cfg: JudgeConfig | None = None, device: str | torch.device | Non
     x_val = _to_float(x_val)  # (N_val, 3, 64, 64)
 
     rng = torch.Generator().manual_seed(cfg.seed)
-    net, opt = accelerator.prepare(judge, torch.optim.AdamW(judge.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay))
+    opt = torch.optim.AdamW(judge.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net, opt = accelerator.prepare(judge, opt)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
     batches = BatchOrder(cfg.num_train, cfg.batch_size, rng=rng)
     history = {"step": [], "loss": [], "val_all_64": [], "val_all_32": []}
@@ -309,10 +312,6 @@ def make_judge(directory: str | Path = JUDGE_DIR, cfg: JudgeConfig | None = None
 # Image quality (PSNR, SSIM) and codebook statistics (notebooks 03 and 05)
 
 
-def _unit(x: Tensor) -> Tensor:
-    return ((x.float() + 1) / 2).clamp(0, 1)  # [-1, 1] -> [0, 1]
-
-
 def psnr(x: Tensor, y: Tensor) -> float:
     """Peak signal-to-noise ratio in dB of images x against references y, both (B, 3, H, W) in [-1, 1].
 
@@ -322,7 +321,7 @@ def psnr(x: Tensor, y: Tensor) -> float:
     """
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    return peak_signal_noise_ratio(_unit(x), _unit(y), data_range=1.0, dim=(1, 2, 3)).item()
+    return peak_signal_noise_ratio(to_unit(x), to_unit(y), data_range=1.0, dim=(1, 2, 3)).item()
 
 
 def ssim(x: Tensor, y: Tensor) -> float:
@@ -331,7 +330,7 @@ def ssim(x: Tensor, y: Tensor) -> float:
     averaged over pixels and images. 1 for identical images."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    return structural_similarity_index_measure(_unit(x), _unit(y), data_range=1.0).item()
+    return structural_similarity_index_measure(to_unit(x), to_unit(y), data_range=1.0).item()
 
 
 def codebook_usage(indices: Tensor, num_codes: int) -> float:
@@ -442,7 +441,7 @@ def inception_fid(images: Tensor, reference: Tensor, batch_size: int = 64) -> fl
     except (ImportError, OSError, RuntimeError) as err:
         raise RuntimeError("standard (Inception) FID needs the torch-fidelity package and, once, a network to "
                            "download its Inception-v3 weights: pip install torch-fidelity. Offline, use "
-                           f"judge_fid. [{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}]") from err
+                           f"judge_fid. [{type(err).__name__}: {(str(err).splitlines() or [''])[0]}]") from err
     for x, real in ((reference, True), (images, False)):
         for s in range(0, x.shape[0], batch_size):
             fid.update(((x[s:s + batch_size].float() + 1) / 2).clamp(0, 1).cpu(), real=real)
@@ -468,7 +467,7 @@ def sharpness(images: Tensor) -> float:
     the result is the mean over images. Blur lowers it, crisp edges raise it; noise raises it
     too, so read it next to a fidelity measure.
     """
-    grey = _unit(images).mean(dim=1, keepdim=True).double()  # (N, 1, H, W) in [0, 1]
+    grey = to_unit(images).mean(dim=1, keepdim=True).double()  # (N, 1, H, W) in [0, 1]
     kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=grey.dtype)
     response = F.conv2d(grey, kernel.view(1, 1, 3, 3).to(grey.device))  # (N, 1, H-2, W-2)
     return response.flatten(1).var(dim=1).mean().item()

@@ -31,8 +31,20 @@ from textimg.config import PIPELINE_DIR, PresetConfig, check_preset
 from textimg.generator import Generator, GeneratorConfig
 from textimg.refiner import Refiner, RefinerConfig, bicubic, refine
 from textimg.text import TextEncoder, TextEncoding
-from textimg.utils import (CONFIG_NAME, WEIGHTS_NAME, ChecksumError, load_pipeline, manifest_for, read_json,
-                           read_safetensors, save_json, save_pipeline, sha256_file, to_unit)
+from textimg.utils import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ChecksumError,
+    evaluating,
+    load_pipeline,
+    manifest_for,
+    read_json,
+    read_safetensors,
+    save_json,
+    save_pipeline,
+    sha256_file,
+)
+from textimg.viz import to_unit
 
 
 def _check_prompts(prompts) -> list[str]:
@@ -54,7 +66,8 @@ class TextToImagePipeline:
             None loads ``text_encoder`` (the one the generator was trained with).
         text_encoder: the encoder's name, recorded by :meth:`save_pretrained` (default "minilm").
 
-    The pipeline runs where its generator is (:meth:`to`); all three parts are frozen in eval mode.
+    The pipeline runs where its generator is (:meth:`to`), in eval mode and without gradients; it
+    never trains its networks, so wrapping a generator that is still training leaves it as it was.
     """
 
     def __init__(self, generator: Generator, refiner: Refiner | None = None, encoder: TextEncoder | None = None,
@@ -69,9 +82,9 @@ class TextToImagePipeline:
             raise ValueError(f"the text encoder {self.text_encoder!r} gives {self.encoder.dim}-d vectors but the "
                              f"generator was built for text_dim={generator.cfg.text_dim}")
         if refiner is not None and refiner.cfg.text_cond and refiner.cfg.text_dim != self.encoder.dim:
-            raise ValueError(f"the refiner expects text_dim={refiner.cfg.text_dim}, the encoder gives {self.encoder.dim}")
-        self.generator = generator.eval().requires_grad_(False)
-        self.refiner = refiner.eval().requires_grad_(False) if refiner is not None else None
+            raise ValueError(f"the refiner expects text_dim={refiner.cfg.text_dim}, "
+                             f"the encoder gives {self.encoder.dim}")
+        self.generator, self.refiner = generator, refiner
         self.to(next(generator.parameters()).device)
 
     # -- where it runs ---------------------------------------------------------------------------
@@ -106,7 +119,8 @@ class TextToImagePipeline:
         out = []
         for s in range(0, z.shape[0], batch_size):
             t = text[s:s + batch_size].to(self.device)
-            x = self.generator(z[s:s + batch_size].to(self.device), t)  # (b, 3, 32, 32) in [-1, 1]
+            with evaluating(self.generator):
+                x = self.generator(z[s:s + batch_size].to(self.device), t)  # (b, 3, 32, 32) in [-1, 1]
             if size == 64:
                 x = bicubic(x, 64) if self.refiner is None else refine(
                     self.refiner, x, t if self.refiner.cfg.text_cond else None, batch_size)
@@ -300,8 +314,9 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
                 results["fid_inception_floor"] = inception_fid(real[num_samples:], real[:num_samples])
         elif part == "diversity":
             div_caps = captions[:diversity_captions]
-            results["diversity"] = sum(diversity(judge, pipe.sample([c] * diversity_samples, seed=seed + 2 + k, size=size))
-                                       for k, c in enumerate(div_caps)) / len(div_caps)
+            results["diversity"] = sum(
+                diversity(judge, pipe.sample([c] * diversity_samples, seed=seed + 2 + k, size=size))
+                for k, c in enumerate(div_caps)) / len(div_caps)
             results["diversity_real"] = sum(  # spec: the labels without a render
                 diversity(judge, sample_images(test.spec(k).labels, diversity_samples, seed=seed + k, image_size=size))
                 for k in range(len(div_caps))) / len(div_caps)
@@ -320,28 +335,42 @@ def metrics_table(results: dict) -> str:
     rows = ["| judge accuracy | " + " | ".join(attrs) + " |", "|---|" + "---|" * len(attrs)]
     for name in ("seen", "heldout"):
         if name in results:
-            rows.append(f"| {name} compositions | " + " | ".join(f"{100 * results[name][a]:.1f} %" for a in attrs) + " |")
+            cells = " | ".join(f"{100 * results[name][a]:.1f} %" for a in attrs)
+            rows.append(f"| {name} compositions | {cells} |")
     if results.get("mistakes"):
         rows.append("\nMost common shape mistakes (seen): " + ", ".join(
             f"{asked} read as {read} ({n})" for asked, read, n in results["mistakes"]) + ".")
     rows += ["", "| measure | pipeline | reference |", "|---|---|---|"]
     if "fid" in results:
-        rows.append(f"| judge-FID (vs real test images) | {results['fid']:.2f} | {results['fid_floor']:.2f} (real vs real floor) |")
+        rows.append(f"| judge-FID (vs real test images) | {results['fid']:.2f} | "
+                    f"{results['fid_floor']:.2f} (real vs real floor) |")
     if "fid_inception" in results:
         rows.append(f"| Inception FID (standard) | {results['fid_inception']:.2f} | "
                     f"{results['fid_inception_floor']:.2f} (real vs real floor) |")
     if "diversity" in results:
-        rows.append(f"| diversity (judge features) | {results['diversity']:.2f} | {results['diversity_real']:.2f} (real images) |")
+        rows.append(f"| diversity (judge features) | {results['diversity']:.2f} | "
+                    f"{results['diversity_real']:.2f} (real images) |")
     if "sharpness" in results:
         rows.append(f"| sharpness (Laplacian variance) | {results['sharpness']:.4f} | "
                     f"{results['sharpness_real']:.4f} (real images) |")
     if "refiner" in results:
         r = results["refiner"]
-        rows += [f"| refiner PSNR on real 32x32 inputs | {r['psnr_refiner']:.2f} dB | {r['psnr_bicubic']:.2f} dB (bicubic) |",
+        rows += [f"| refiner PSNR on real 32x32 inputs | {r['psnr_refiner']:.2f} dB | "
+                 f"{r['psnr_bicubic']:.2f} dB (bicubic) |",
                  f"| refiner SSIM | {r['ssim_refiner']:.4f} | {r['ssim_bicubic']:.4f} (bicubic) |",
                  f"| codebook usage / perplexity | {100 * r['usage']:.1f} % / {r['perplexity']:.1f} | |"]
     rows.append(f"\n{results['images']} images per set, {results['size']}x{results['size']}, seed {results['seed']}.")
     return "\n".join(rows)
+
+
+def measure(pipe: TextToImagePipeline, num_samples: int = 2000, progress: bool = False) -> dict:
+    """What a saved pipeline records about itself: :func:`evaluate_pipeline` at 64x64 ("test") and on
+    the generator's own 32x32 images ("test_32", seen captions and diversity), seed 0, rounded."""
+    from textimg.training import rounded
+
+    return {"test": rounded(evaluate_pipeline(pipe, num_samples=num_samples, seed=0, progress=progress)),
+            "test_32": rounded(evaluate_pipeline(pipe, num_samples=num_samples, seed=0, size=32,
+                                                 parts=("seen", "diversity")))}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -399,9 +428,8 @@ def train_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: PipelineTrainC
     from textimg.data import NUM_CLASSES, ShapesDataset
     from textimg.discriminator import Discriminator, DiscriminatorConfig, PatchDiscriminator, PatchDiscriminatorConfig
     from textimg.gan import GANTrainConfig, train_gan
-    from textimg.metrics import load_judge
     from textimg.refiner import RefinerGANConfig, finetune_refiner, train_refiner
-    from textimg.training import rounded, run_facts
+    from textimg.training import on_cpu, run_facts
     from textimg.utils import seeded
     from textimg.vqvae import VQTrainConfig
 
@@ -409,7 +437,7 @@ def train_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: PipelineTrainC
     cfg = cfg or PipelineTrainConfig.preset(preset)
     command = command or f"textimg train --preset {preset}"
     out = Path(out_dir)
-    processes = PartialState(cpu=device is not None and torch.device(device).type == "cpu")
+    processes = PartialState(cpu=on_cpu(device))  # this process's rank, before any training loop starts
     main = processes.is_main_process
     record = {"format": "textimg.train/1", "preset": preset, "config": cfg.to_dict()}
     record_path = out / "train_config.json"
@@ -492,12 +520,11 @@ def train_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: PipelineTrainC
     log(f"[5/5] pipeline: measured on {cfg.eval_samples:,} test captions per set")
     path = out / "pipeline"
     if main:
-        pipe = TextToImagePipeline(Generator.from_pretrained(done["gan"]), Refiner.from_pretrained(done["refiner_gan"]),
-                                   encoder.to("cpu"))
-        results = evaluate_pipeline(pipe, num_samples=cfg.eval_samples, seed=0, progress=progress)
+        generator, refiner = Generator.from_pretrained(done["gan"]), Refiner.from_pretrained(done["refiner_gan"])
+        pipe = TextToImagePipeline(generator, refiner, encoder.to("cpu"))
         pipe.save_pretrained(path, {"training": run_facts(
             device, command=command, preset=preset, config=cfg.to_dict(),
-            seconds_this_run=time.perf_counter() - started), "test": rounded(results)})
+            seconds_this_run=time.perf_counter() - started), **measure(pipe, cfg.eval_samples, progress)})
         log(f"saved the pipeline to {path}")
     processes.wait_for_everyone()
     return path

@@ -36,7 +36,7 @@ from textimg.metrics import codebook_perplexity, codebook_usage, psnr, ssim
 from textimg.text import TextEncoding
 from textimg.training import BatchOrder, Engine, fetch, frozen, make_accelerator, unwrap
 from textimg.utils import evaluating
-from textimg.vqvae import VQOutput, VQTrainConfig, VQVAE, VQVAEConfig, train_vqvae
+from textimg.vqvae import VQVAE, VQOutput, VQTrainConfig, VQVAEConfig, train_vqvae
 
 # -----------------------------------------------------------------------------------------------
 # The refiner
@@ -110,7 +110,8 @@ class Refiner(VQVAE):
         return (x_up + self.decode(vq.z_q, c)).clamp(-1, 1), vq  # (B, 3, S, S)
 
     def training_inputs(self, x_real: Tensor, captions: list[str] | None, encoder=None,
-                        rng: torch.Generator | None = None, text_dropout: float = 0.0) -> tuple[Tensor, TextEncoding | None]:
+                        rng: torch.Generator | None = None,
+                        text_dropout: float = 0.0) -> tuple[Tensor, TextEncoding | None]:
         """The refiner's inputs for real images (B, 3, 64, 64): the images area-downsampled (B, 3, 32, 32), as
         ShapesDataset makes its 32x32 ones, and the captions' encoding with a fraction ``text_dropout`` replaced
         by the null caption (drawn from ``rng``), so that it also works without text (None without text_cond)."""
@@ -273,9 +274,9 @@ def finetune_refiner(refiner: Refiner, patch_discriminator: nn.Module, dataset, 
         raise ValueError("this Refiner is text-conditioned (cfg.text_cond): pass encoder=TextEncoder(...)")
     accelerator = make_accelerator(device or next(refiner.parameters()).device, cfg.amp)
     betas = (cfg.beta1, cfg.beta2)
-    R, D, r_opt, d_opt = accelerator.prepare(refiner, patch_discriminator,
-                                             torch.optim.Adam(refiner.parameters(), lr=cfg.lr, betas=betas),
-                                             torch.optim.Adam(patch_discriminator.parameters(), lr=cfg.lr_d, betas=betas))
+    r_opt = torch.optim.Adam(refiner.parameters(), lr=cfg.lr, betas=betas)
+    d_opt = torch.optim.Adam(patch_discriminator.parameters(), lr=cfg.lr_d, betas=betas)
+    R, D, r_opt, d_opt = accelerator.prepare(refiner, patch_discriminator, r_opt, d_opt)
     rank, world = accelerator.process_index, accelerator.num_processes
     data_seed, noise_seed = (int(s) for s in np.random.SeedSequence(cfg.seed).generate_state(2))
     batches = BatchOrder(len(dataset), cfg.batch_size, data_seed, rank, world)

@@ -47,7 +47,7 @@ def make_accelerator(device: str | torch.device | None = None, amp: bool = True)
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    cpu = device is not None and torch.device(device).type == "cpu" or not torch.cuda.is_available()
+    cpu = on_cpu(device)
     precision = "no" if cpu or not amp else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     try:
         return Accelerator(cpu=cpu, mixed_precision=precision)
@@ -57,6 +57,11 @@ def make_accelerator(device: str | torch.device | None = None, amp: bool = True)
 
         AcceleratorState._reset_state(reset_partial_state=PartialState().num_processes == 1)
         return Accelerator(cpu=cpu, mixed_precision=precision)
+
+
+def on_cpu(device: str | torch.device | None) -> bool:
+    """Whether a loop asked to run on ``device`` runs on the CPU (the flag Accelerate's ``cpu`` wants)."""
+    return device is not None and torch.device(device).type == "cpu" or not torch.cuda.is_available()
 
 
 def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:

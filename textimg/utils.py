@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seeds Python's, NumPy's and torch's global RNGs (CPU and every CUDA device).
 
@@ -251,7 +252,8 @@ class ModelMixin:
         directory = Path(directory)
         # contiguous copies that share no memory: safetensors refuses tied or strided views
         state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
-        weights = atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+        weights = atomic_write(directory / WEIGHTS_NAME,
+                               lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
         save_json({"class": type(self).__name__, "config": self.cfg.to_dict(), **(facts or {}),
                    "weights_sha256": sha256_file(weights)}, directory / CONFIG_NAME)
         if manifest is not None:
@@ -307,11 +309,6 @@ def _upgrade(config, cls: type) -> dict:
     return {"class": name, "config": old.pop(key), **old} if name and key else config
 
 
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """Images from the package's value range [-1, 1] to [0, 1] (float32, clamped)."""
-    return ((x.float() + 1) / 2).clamp(0, 1)
-
-
 # -----------------------------------------------------------------------------------------------
 # One layout for every pipeline: a folder per component and pipeline.json naming them
 
@@ -319,8 +316,8 @@ PIPELINE_NAME = "pipeline.json"
 PIPELINE_FORMAT = "textimg.pipeline/2"
 
 
-def save_pipeline(directory: str | Path, kind: str, components: dict[str, ModelMixin | None], facts: dict | None = None,
-                  manifest: str | Path | None = None) -> Path:
+def save_pipeline(directory: str | Path, kind: str, components: dict[str, ModelMixin | None],
+                  facts: dict | None = None, manifest: str | Path | None = None) -> Path:
     """Writes each component with its ``save_pretrained`` into ``directory/<name>/`` and then
     ``directory/pipeline.json`` = {"format", "class": kind, "components": {name: class name or None}, **facts}.
     ``kind`` is the pipeline's class name (e.g. "TextToImagePipeline"). Returns the directory."""

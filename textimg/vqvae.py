@@ -370,7 +370,8 @@ def train_vqvae(model: VQVAE, data, cfg: VQTrainConfig | None = None, steps: int
         raise ValueError("this Refiner is text-conditioned (cfg.text_cond): pass encoder=TextEncoder(...)")
     accelerator = make_accelerator(device or next(model.parameters()).device, amp=False)
     rng = torch.Generator().manual_seed(cfg.seed)  # CPU: the same run on every device
-    net, opt = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=cfg.lr))  # an EMA codebook is a buffer
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # an EMA codebook is a buffer, not in here
+    net, opt = accelerator.prepare(model, opt)
     warmup = min(100, steps // 10)
 
     def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to lr / 10
