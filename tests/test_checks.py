@@ -201,7 +201,7 @@ def test_paraphrase(minilm, capsys):
     from textimg.metrics import load_judge
     from textimg.pipeline import TextToImagePipeline
 
-    pipe, judge = TextToImagePipeline.from_pretrained(encoder=minilm), load_judge()
+    pipe, judge = TextToImagePipeline.from_pretrained(text_encoder=minilm), load_judge()
     white_star = {"shape": "star", "color": "white", "size": "large", "position": "center"}
     assert checks.check_paraphrase("please draw one big white star right in the middle", white_star, pipe, judge)
     assert not checks.check_paraphrase("a large white star in the center", white_star, pipe, judge)

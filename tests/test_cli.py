@@ -1,6 +1,8 @@
-"""The textimg command: train -> generate -> evaluate on the quick preset, and clear errors on bad input."""
+"""The textimg command: train -> generate -> evaluate on the quick preset, train-judge, and clear errors on
+bad input."""
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -12,17 +14,24 @@ from textimg.cli import main
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """`textimg train --preset quick` into a fresh directory (about 5 s)."""
+    """`textimg train --preset quick` into a fresh directory."""
     out = tmp_path_factory.mktemp("cli") / "run"
     assert main(["train", "--preset", "quick", "--out", str(out), "--num-train", "64", "--no-progress"]) == 0
     return out
 
 
 def test_train_writes_every_stage_and_resumes(trained, capsys):
-    for stage in ("refiner", "generator", "refiner_gan", "pipeline"):
-        assert (trained / stage / "model.safetensors").is_file()
-    assert (trained / "gan" / "gan_training.pt").is_file() and (trained / "text_cache.safetensors").is_file()
-    assert (trained / "refiner_training" / "vqvae_training.pt").is_file()
+    assert (trained / "refiner" / "model.safetensors").is_file()  # the refiner before fine-tuning
+    pipeline = trained / "pipeline"
+    assert sorted(p.name for p in pipeline.iterdir()) == ["generator", "pipeline.json", "refiner"]
+    for part in ("generator", "refiner"):
+        assert (pipeline / part / "model.safetensors").is_file() and (pipeline / part / "config.json").is_file()
+    for name in ("gan_training.pt", "vqvae_training.pt", "text_cache.safetensors"):
+        assert (trained / "training" / name).is_file(), name
+    assert json.loads((trained / "train_config.json").read_text())["preset"] == "quick"
+    recorded = json.loads((pipeline / "pipeline.json").read_text())
+    argv = ["train", "--preset", "quick", "--out", str(trained), "--num-train", "64", "--no-progress"]
+    assert recorded["training"]["command"] == "textimg " + shlex.join(argv)  # recorded as it was typed
     capsys.readouterr()
     assert main(["train", "--preset", "quick", "--out", str(trained), "--num-train", "64", "--no-progress"]) == 0
     assert capsys.readouterr().out.count("(done, skipped)") == 3
@@ -65,6 +74,7 @@ def test_evaluate_prints_a_table_and_writes_json(trained, tmp_path, capsys):
     ["generate", "x", "--seed", "abc"],
     ["generate", "x", "--per-prompt", "-1"],
     ["evaluate", "--num-samples", "many"],
+    ["train-judge", "--out", "x", "--preset", "gpu"],
 ])
 def test_bad_arguments_exit_2_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -88,9 +98,32 @@ def test_bad_input_exits_1_with_one_clear_line(argv, message, capsys, tmp_path, 
     assert message in err and "Traceback" not in err
 
 
+def test_train_judge_saves_a_judge(tmp_path, capsys):
+    from textimg.metrics import Judge, JudgeConfig, load_judge
+
+    out = tmp_path / "judge"
+    assert main(["train-judge", "--out", str(out), "--preset", "quick", "--no-progress"]) == 0
+    assert f"judge saved to {out}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    judge = load_judge(out)  # checked against the SHA-256 in its config.json
+    assert isinstance(judge, Judge) and judge.cfg == JudgeConfig.preset("quick")
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert training["command"] == "textimg " + shlex.join(["train-judge", "--out", str(out), "--preset", "quick",
+                                                          "--no-progress"])
+    for key in ("textimg", "machine", "date"):
+        assert key in training, key
+    assert {"test_64", "test_32", "heldout_64", "heldout_32"} <= set(training["test"])
+
+
+def test_train_judge_needs_an_output_directory(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-judge", "--preset", "quick"])
+    assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
+
+
 def test_python_dash_m_runs_the_same_command():
     done = subprocess.run([sys.executable, "-m", "textimg", "--help"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "{train,generate,evaluate}" in done.stdout
+    assert done.returncode == 0 and "{train,generate,evaluate,train-judge}" in done.stdout
 
 
 def test_inception_fid_without_torch_fidelity_is_a_clear_error(capsys):

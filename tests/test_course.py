@@ -103,3 +103,22 @@ def test_committed_notebooks_follow_the_conventions(path):
     text = "".join("".join(c["source"]) for c in cells)
     assert "textimg.checks" in text or "from textimg import checks" in text, "exercises check themselves"
     assert path.stat().st_size < 3 * 1024 * 1024
+
+
+def test_tidy_outputs_keeps_the_last_progress_frame_and_drops_absolute_paths(tmp_path):
+    import nbformat
+
+    from textimg.course import tidy_outputs
+
+    root = tmp_path / "repo"
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text="GAN:   0%|  | 0/8\r"),
+                    nbformat.v4.new_output("stream", name="stderr", text="GAN: 100%|##| 8/8\n"),
+                    nbformat.v4.new_output("stream", name="stdout", text=f"saved to {root}/runs/models/x\n"),
+                    nbformat.v4.new_output("execute_result", data={"text/plain": f"PosixPath('{root}/a')"},
+                                           execution_count=1)]
+    nb.cells.append(cell)
+    tidy_outputs(nb, root)
+    texts = [o.get("text") or o["data"]["text/plain"] for o in cell.outputs]
+    assert texts == ["GAN: 100%|##| 8/8\n", "saved to runs/models/x\n", "PosixPath('a')"]

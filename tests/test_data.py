@@ -13,9 +13,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 from textimg.data import (
-    ATTRIBUTES, CAPTION_TEMPLATES, HELDOUT, PALETTE, SYNONYMS, CaptionedClassDataset,
-    HFImageCaptionDataset, ImageCaptionFolder, ShapesDataset, class_caption, make_caption,
-    mnist_captions, parse_caption,
+    ATTRIBUTES,
+    CAPTION_TEMPLATES,
+    HELDOUT,
+    PALETTE,
+    SYNONYMS,
+    CaptionedClassDataset,
+    HFImageCaptionDataset,
+    ImageCaptionFolder,
+    ShapesDataset,
+    class_caption,
+    make_caption,
+    mnist_captions,
+    parse_caption,
 )
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"

@@ -1,8 +1,8 @@
-"""Tests for textimg.gan: losses on hand-computed logits, R1 on a hand-made D, DiffAugment, the
-discriminators, mismatched captions, one-network steps, the non-finite guard, exact resume and
-safe, atomic checkpoints, the refiner's fine-tuning. Also the diversity and sharpness metrics."""
+"""Tests for textimg.gan: losses on hand-computed logits, the attribute loss, R1 on a hand-made D,
+mismatched captions, one-network steps (plain, through an Accelerator, under bf16 autocast and with
+an fp16 GradScaler), the non-finite guard, and train_gan: history, exact resume, safe and atomic
+checkpoints, the attribute head."""
 
-import json
 import math
 import random
 
@@ -12,19 +12,34 @@ import torch
 import torch.nn.functional as F
 
 import textimg.utils
-from textimg.data import ShapesDataset, parse_caption
-from textimg.gan import (CHECKPOINT_NAME, BatchOrder, Discriminator, DiscriminatorConfig, GANTrainConfig,
-                         NonFiniteLossError, PatchDiscriminator, PatchDiscriminatorConfig, apply_augment,
-                         augment_params, d_loss_bce, d_loss_hinge, d_step, diff_augment, finetune_refiner,
-                         g_loss_hinge, g_loss_nonsaturating, g_loss_saturating, g_step, mismatched_captions,
-                         mismatched_indices, r1_penalty, train_gan)
+from textimg.data import NUM_CLASSES, ShapesDataset, parse_caption
+from textimg.discriminator import Discriminator, DiscriminatorConfig, PatchDiscriminator, PatchDiscriminatorConfig
+from textimg.gan import (
+    D_LOSSES,
+    G_LOSSES,
+    LOGGED,
+    GANTrainConfig,
+    attribute_labels,
+    attribute_loss,
+    d_loss_bce,
+    d_loss_hinge,
+    d_step,
+    g_loss_hinge,
+    g_loss_nonsaturating,
+    g_loss_saturating,
+    g_step,
+    mismatched_captions,
+    mismatched_indices,
+    r1_penalty,
+    train_gan,
+)
 from textimg.generator import Generator, GeneratorConfig
-from textimg.metrics import Judge, JudgeConfig, diversity, judge_features, sharpness
 from textimg.text import TextEncoding
+from textimg.training import BatchOrder, Engine, NonFiniteLossError, make_accelerator
 from textimg.utils import load_checkpoint
-from textimg.vqvae import Refiner, RefinerConfig
 
 LOG2 = math.log(2.0)
+CHECKPOINT = "gan_training.pt"  # train_gan's file in its checkpoint folder
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,13 +50,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
 CAPTIONS = ["a small red circle in the top left", "a big blue square in the middle",
             "a tiny green star in the bottom right", "a large yellow triangle in the center"]
+NO_AUGMENT = GANTrainConfig(augment="")  # what d_step / g_step use by default
 
 
-def tiny_g(seed: int = 0) -> Generator:
+def tiny_g(seed: int = 0, **overrides) -> Generator:
     torch.manual_seed(seed)
-    return Generator(GeneratorConfig.preset("quick", text_dim=32))  # tiny-bert's vectors are 32-d
+    return Generator(GeneratorConfig.preset("quick", text_dim=32, **overrides))  # tiny-bert's vectors are 32-d
 
 
 def tiny_d(seed: int = 0, **overrides) -> Discriminator:
@@ -71,27 +89,28 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# --- configs --------------------------------------------------------------------------------------
+def seeded_engine(seed: int, accelerator=None) -> Engine:
+    return Engine(accelerator, torch.Generator().manual_seed(seed))
 
-def test_configs_presets_and_round_trip():
-    sizes = [Discriminator(DiscriminatorConfig.preset(p)).num_parameters() for p in ("quick", "cpu", "gpu")]
-    assert sizes[0] < 100_000 < sizes[1] < 1_500_000 < sizes[2], sizes
-    for cls in (DiscriminatorConfig, PatchDiscriminatorConfig, GANTrainConfig):
-        cfg = cls.preset("cpu")
-        assert cls.from_dict(cfg.to_dict()) == cfg
-        with pytest.raises(ValueError, match=f"unknown {cls.__name__} field"):
-            cls.from_dict({**cfg.to_dict(), "colour": 1})
-        with pytest.raises(ValueError, match="unknown preset"):
-            cls.preset("huge")
-    assert DiscriminatorConfig.preset("cpu", spectral_norm=False).spectral_norm is False
+
+# --- the training config ----------------------------------------------------------------------------
+
+def test_train_config_presets_round_trip_and_errors():
+    cfg = GANTrainConfig.preset("cpu")
+    assert GANTrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert [GANTrainConfig.preset(p).batch_size for p in ("quick", "cpu", "gpu")] == [16, 32, 64]
+    with pytest.raises(ValueError, match="unknown GANTrainConfig field"):
+        GANTrainConfig.from_dict({**cfg.to_dict(), "colour": 1})
+    with pytest.raises(ValueError, match="unknown preset"):
+        GANTrainConfig.preset("huge")
     with pytest.raises(ValueError, match="d_loss"):
         GANTrainConfig(d_loss="wasserstein")
     with pytest.raises(ValueError, match="g_loss"):
         GANTrainConfig(g_loss="minimax")
     with pytest.raises(ValueError, match="cutout"):
         GANTrainConfig(augment="color,cutout")
-    with pytest.raises(ValueError, match="image_size"):
-        DiscriminatorConfig(image_size=64)
+    assert D_LOSSES == {"bce": d_loss_bce, "hinge": d_loss_hinge}
+    assert G_LOSSES == {"nonsaturating": g_loss_nonsaturating, "saturating": g_loss_saturating, "hinge": g_loss_hinge}
 
 
 # --- losses, by hand ------------------------------------------------------------------------------
@@ -148,94 +167,67 @@ def test_hinge_losses_by_hand():
     assert g_loss_hinge(fake).item() == pytest.approx(1 / 3)
 
 
+def test_attribute_loss_by_hand_and_its_errors():
+    d = tiny_d(num_classes=[3, 2]).eval()  # eval: spectral norm holds still
+    x, text = images(5), random_text(5)
+    labels = torch.tensor([[0, 1], [2, 0], [1, 1], [0, 0], [2, 1]])
+    logits = d.classifier(d.features(x))  # (5, 3 + 2)
+    expected = (F.cross_entropy(logits[:, :3], labels[:, 0]) + F.cross_entropy(logits[:, 3:], labels[:, 1])) / 2
+    attributes = d(x, text).attributes
+    torch.testing.assert_close(attribute_loss(attributes, labels), expected)
+    perfect = (torch.tensor([[50.0, 0, 0]]), torch.tensor([[0, 50.0]]))  # sure and right: no loss
+    assert attribute_loss(perfect, torch.tensor([[0, 1]])).item() == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match=r"labels must be \(B, 2\)"):
+        attribute_loss(attributes, labels[:, :1])
+    with pytest.raises(ValueError, match="no attribute head"):
+        attribute_loss(tiny_d()(x, text).attributes, labels)
+
+
+def test_attribute_labels_from_label_dicts():
+    meanings = [{"shape": 1, "color": 2, "size": 0, "position": 8}, {"shape": 5, "color": 7, "size": 1, "position": 0}]
+    labels = attribute_labels(meanings, NUM_CLASSES, torch.device("cpu"))
+    assert labels.dtype == torch.long and labels.tolist() == [[1, 2, 0, 8], [5, 7, 1, 0]]
+    assert attribute_labels(["a caption", "another"], (), torch.device("cpu")) is None  # no head: no labels
+    with pytest.raises(ValueError, match="'labels' dict"):
+        attribute_labels(["a big red star", "a small blue circle"], NUM_CLASSES, torch.device("cpu"))
+
+
+# --- R1 ---------------------------------------------------------------------------------------------
+
+def linear_d_logits(seed: int = 0):
+    """D(x) = <w, x> on 5 images: grad_x D = w for every image."""
+    w = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+    x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(seed + 1), requires_grad=True)
+    return w, x, (x * w).sum(dim=(1, 2, 3))  # (5,)
+
+
 def test_r1_penalty_on_a_linear_discriminator():
-    """D(x) = <w, x>: grad_x D = w for every image, so R1 = gamma / 2 * ||w||^2, and d R1 / d w = gamma * w."""
-    w = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    x = torch.randn(5, 3, 4, 4, requires_grad=True)
-    logits = (x * w).sum(dim=(1, 2, 3))  # (5,)
+    """R1 = gamma / 2 * ||w||^2, and d R1 / d w = gamma * w."""
+    w, x, logits = linear_d_logits()
     penalty = r1_penalty(logits, x, gamma=10.0)
+    assert penalty.dtype == torch.float32 and penalty.ndim == 0
     assert penalty.item() == pytest.approx(5.0 * w.pow(2).sum().item(), rel=1e-5)
     penalty.backward()  # create_graph: the penalty trains D's weights
     torch.testing.assert_close(w.grad, 10.0 * w.detach())
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    assert r1_penalty((x * w).sum(dim=(1, 2, 3)), x, 10.0, scaler).item() == pytest.approx(penalty.item())
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    assert r1_penalty((x * w).sum(dim=(1, 2, 3)), x, 10.0, disabled).item() == pytest.approx(penalty.item())
 
 
-# --- DiffAugment ----------------------------------------------------------------------------------
-
-def test_diff_augment_shape_seed_and_gradient():
-    x = images(4).requires_grad_(True)
-    a = diff_augment(x, "color,translation", torch.Generator().manual_seed(0))
-    assert a.shape == x.shape
-    assert torch.equal(a, diff_augment(x, "color,translation", torch.Generator().manual_seed(0)))
-    assert not torch.equal(a, diff_augment(x, "color,translation", torch.Generator().manual_seed(1)))
-    a.pow(2).sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0  # differentiable: G's gradient passes through
-    assert diff_augment(x, "") is x
-    state = torch.get_rng_state()
-    diff_augment(x, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(torch.get_rng_state(), state)  # an explicit generator: the global RNG is untouched
-    with pytest.raises(ValueError, match="unknown augmentation"):
-        diff_augment(x, "flip")
-
-
-def test_translation_and_colour_by_hand_and_the_same_params_for_a_pair():
-    x = -torch.ones(2, 3, 32, 32)
-    x[:, :, 10, 20] = 1.0  # one bright pixel on the dark background
-    params = {"shift": torch.tensor([[2, -3], [-4, 4]])}
-    moved = apply_augment(x, params)
-    assert moved[0, :, 12, 17].eq(1).all() and moved[1, :, 6, 24].eq(1).all()
-    assert moved.eq(1).sum() == 2 * 3  # the pixel moved, nothing else appeared (replicated dark border)
-    bright = apply_augment(x, {"brightness": torch.tensor([0.25, -0.5]).view(2, 1, 1, 1)})
-    torch.testing.assert_close(bright, x + torch.tensor([0.25, -0.5]).view(2, 1, 1, 1))
-    p = augment_params(x, "color,translation", torch.Generator().manual_seed(3))
-    assert set(p) == {"brightness", "saturation", "contrast", "shift"} and p["shift"].abs().max() <= 4
-    x_real, x_fake = images(2, seed=1), images(2, seed=2)
-    both = apply_augment(torch.cat([x_real, x_fake]), {k: torch.cat([v, v]) for k, v in p.items()})
-    assert torch.equal(apply_augment(x_real, p), both[:2]) and torch.equal(apply_augment(x_fake, p), both[2:])
-
-
-# --- the discriminators ---------------------------------------------------------------------------
-
-def test_projection_discriminator_shapes_and_text_by_hand():
-    d = tiny_d().eval()
-    x, text = images(3), random_text(3)
-    logits = d(x, text)
-    assert logits.shape == (3,)
-    h = d.features(x)
-    assert h.shape == (3, 32)
-    zero = d(x, torch.zeros(3, 32))  # a zero caption vector: psi(phi(x)) alone
-    torch.testing.assert_close(logits - zero, (d.embed(text.pooled) * h).sum(1))  # + <W c, phi(x)>
-    assert (d(x, random_text(3, seed=1)) - logits).abs().min() > 1e-4  # the text changes every logit
-    assert torch.equal(d(x, text), d(x, text.pooled))  # a TextEncoding or its pooled vector
-
-
-def test_patch_discriminator_shapes():
-    x = images(2, size=64)
-    assert PatchDiscriminator(PatchDiscriminatorConfig.preset("cpu"))(x).shape == (2, 1, 6, 6)
-    assert PatchDiscriminator(PatchDiscriminatorConfig.preset("quick"))(x).shape == (2, 1, 14, 14)
-
-
-@pytest.mark.parametrize("kind", ["projection", "patch"])
-def test_spectral_norm_option(kind):
-    from torch.nn.utils import parametrize
-
-    def make(sn):
-        torch.manual_seed(0)
-        if kind == "projection":
-            return tiny_d(spectral_norm=sn), lambda m: m(images(2), random_text(2))
-        return PatchDiscriminator(PatchDiscriminatorConfig.preset("quick", spectral_norm=sn)), lambda m: m(images(2, 64))
-
-    plain, _ = make(False)
-    assert not any(parametrize.is_parametrized(m) for m in plain.modules())
-    d, call = make(True)
-    convs = [m for m in d.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    assert convs and all(parametrize.is_parametrized(m, "weight") for m in convs)
-    for _ in range(30):  # the power iteration converges over training-mode forwards
-        call(d.train())
-    for m in convs:
-        sigma = torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2).item()
-        assert sigma == pytest.approx(1.0, abs=0.02)
+def test_r1_penalty_with_an_enabled_grad_scaler_gives_the_unscaled_value():
+    """fp16's recipe: the logits are scaled (2^10) before differentiating and the gradient divided back,
+    so the penalty, and its gradient for D, are the unscaled ones."""
+    w, x, logits = linear_d_logits()
+    plain = r1_penalty(logits, x, gamma=10.0)
+    (plain_grad,) = torch.autograd.grad(plain, w)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    assert scaler.is_enabled() and scaler.get_scale() == 2.0 ** 10
+    w2, x2, logits2 = linear_d_logits()
+    scaled = r1_penalty(logits2, x2, gamma=10.0, scaler=scaler)
+    assert scaled.item() == pytest.approx(plain.item(), rel=1e-6)
+    (scaled_grad,) = torch.autograd.grad(scaled, w2)
+    torch.testing.assert_close(scaled_grad, plain_grad)
+    # the scaler did scale: had the gradient not been divided back, R1 would be 2^20 times larger
+    assert scaled.item() < 2.0 * plain.item() and scaler.get_scale() == 2.0 ** 10
 
 
 # --- mismatched captions --------------------------------------------------------------------------
@@ -264,6 +256,8 @@ def test_mismatch_by_labels_skips_synonyms_and_all_equal_is_an_error():
     for seed in range(20):
         idx = mismatched_indices(labels, torch.Generator().manual_seed(seed)).tolist()
         assert idx[0] == 2 and idx[1] == 2 and idx[2] in (0, 1)  # the synonym is not a mismatch
+        wrong = mismatched_captions(captions, torch.Generator().manual_seed(seed), keys=labels)
+        assert wrong[:2] == [captions[2]] * 2 and wrong[2] in captions[:2]
     with pytest.raises(ValueError, match="all 3 captions of the batch are the same"):
         mismatched_captions([CAPTIONS[0]] * 3)
     with pytest.raises(ValueError, match="the same"):
@@ -278,21 +272,76 @@ def test_d_step_changes_only_d_and_g_step_only_g(tiny_bert):
     text = tiny_bert.encode(CAPTIONS)
     x_real, z = images(4), torch.randn(4, 16)
     x_fake = g(z, text)  # with a graph: d_step must detach it
-    g_before, d_before = snapshot(g), snapshot(d)
-    stats = d_step(d, d_opt, x_real, x_fake, text, text.pooled[[1, 2, 3, 0]], r1_gamma=1.0,
-                   augment="color,translation", rng=torch.Generator().manual_seed(0))
+    cfg = GANTrainConfig(r1_gamma=1.0, augment="color,translation")
+    g_before, d_before = snapshot(g), parameters(d)
+    state = torch.get_rng_state()
+    stats = d_step(d, d_opt, x_real, x_fake, text, text.pooled[[1, 2, 3, 0]], cfg=cfg, engine=seeded_engine(0))
     assert set(stats) == {"d_loss", "d_adv", "r1", "d_aux", "d_real", "d_fake", "d_wrong"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in stats.values())
+    assert stats["r1"] > 0 and stats["d_aux"] == 0 and stats["d_loss"] == pytest.approx(stats["d_adv"] + stats["r1"])
     assert same(snapshot(g), g_before) and all(p.grad is None for p in g.parameters())
-    assert not same(snapshot(d), d_before)
+    assert not same(parameters(d), d_before)
 
     d_before, d_grads = snapshot(d), [p.grad.clone() for p in d.parameters()]
-    stats = g_step(g, d, g_opt, z, text, augment="color,translation", rng=torch.Generator().manual_seed(1))
+    stats = g_step(g, d, g_opt, z, text, cfg=cfg, engine=seeded_engine(1))
     assert set(stats) == {"g_loss", "g_adv", "g_aux", "kl", "d_fake_g"}
+    assert all(isinstance(v, float) and math.isfinite(v) for v in stats.values())
     assert same(snapshot(d), d_before)  # parameters *and* spectral norm's u, v buffers
     assert all(torch.equal(p.grad, grad) for p, grad in zip(d.parameters(), d_grads))  # no gradient added to D
     assert all(p.requires_grad for p in d.parameters())
     assert d.training and not same(snapshot(g), g_before)
+    assert torch.equal(torch.get_rng_state(), state)  # every draw came from the engine's generator
+
+
+def test_steps_are_seeded_by_the_engine(tiny_bert):
+    """The augmentation (and conditioning augmentation's noise) come from ``engine.rng``: the same seed
+    gives the same step, another seed another one."""
+    text, x_fake = tiny_bert.encode(CAPTIONS), images(4, seed=1)
+    cfg = GANTrainConfig(augment="color,translation")
+
+    def d_run(seed):
+        d = tiny_d()
+        return d_step(d, torch.optim.Adam(d.parameters(), 1e-3), images(4), x_fake, text, text.pooled[[1, 2, 3, 0]],
+                      cfg=cfg, engine=seeded_engine(seed)), snapshot(d)
+
+    def g_run(seed):
+        g, z = tiny_g(), torch.randn(4, 16, generator=torch.Generator().manual_seed(9))
+        return g_step(g, tiny_d(), torch.optim.Adam(g.parameters(), 1e-3), z, text, cfg=cfg,
+                      engine=seeded_engine(seed)), snapshot(g)
+
+    for run_ in (d_run, g_run):
+        (a, net_a), (b, net_b), (c, _) = run_(0), run_(0), run_(1)
+        assert a == b and same(net_a, net_b)
+        assert a != c
+
+
+@pytest.mark.parametrize("d_loss, g_loss", [("bce", "nonsaturating"), ("hinge", "hinge"), ("bce", "saturating")])
+def test_steps_use_the_losses_of_the_config(d_loss, g_loss):
+    """d_adv and g_adv are the config's losses of D's logits before the step, worked out here by hand
+    (no spectral norm, so the logits do not depend on how often D ran)."""
+    cfg = GANTrainConfig(d_loss=d_loss, g_loss=g_loss, augment="", kl_weight=0.5)
+    d = tiny_d(spectral_norm=False)
+    x_real, x_fake, text, wrong = images(4), images(4, seed=1), random_text(4), random_text(4, seed=1)
+    with torch.no_grad():
+        real, fake = d(x_real, text, wrong), d(x_fake, text)
+    stats = d_step(d, torch.optim.Adam(d.parameters(), 1e-3), x_real, x_fake, text, wrong, cfg=cfg)
+    assert stats["d_adv"] == pytest.approx(D_LOSSES[d_loss](real.logits, fake.logits, real.wrong_logits).item(),
+                                           rel=1e-5)
+    assert stats["d_real"] == pytest.approx(torch.sigmoid(real.logits).mean().item(), rel=1e-5)
+    assert stats["d_fake"] == pytest.approx(torch.sigmoid(fake.logits).mean().item(), rel=1e-5)
+    assert stats["d_wrong"] == pytest.approx(torch.sigmoid(real.wrong_logits).mean().item(), rel=1e-5)
+    assert stats["d_loss"] == stats["d_adv"] and stats["r1"] == 0  # r1_gamma = 0
+    assert math.isnan(d_step(d, torch.optim.Adam(d.parameters()), x_real, x_fake, text, cfg=cfg)["d_wrong"])
+
+    g, z = tiny_g(), torch.randn(4, 16)
+    with torch.no_grad():  # G in training mode: conditioning augmentation draws from the engine's generator
+        x, kl, _ = g.train()(z, text, rng=torch.Generator().manual_seed(2), return_aux=True)
+        logits = d.eval()(x, text).logits
+    stats = g_step(g, d.train(), torch.optim.Adam(g.parameters(), 1e-3), z, text, cfg=cfg, engine=seeded_engine(2))
+    assert stats["g_adv"] == pytest.approx(G_LOSSES[g_loss](logits).item(), rel=1e-5)
+    assert stats["kl"] == pytest.approx(kl.item(), rel=1e-5) and stats["kl"] > 0
+    assert stats["g_loss"] == pytest.approx(stats["g_adv"] + 0.5 * stats["kl"], rel=1e-5)
+    assert stats["d_fake_g"] == pytest.approx(torch.sigmoid(logits).mean().item(), rel=1e-5)
 
 
 def test_d_step_learns_to_tell_real_from_fake():
@@ -300,32 +349,126 @@ def test_d_step_learns_to_tell_real_from_fake():
     opt = torch.optim.Adam(d.parameters(), 2e-3)
     x_real, x_fake, text = images(8).clamp(0, 1), images(8, seed=1).clamp(-1, 0), random_text(8)
     first = d_step(d, opt, x_real, x_fake, text)
+    engine = Engine()
     for step in range(30):
-        last = d_step(d, opt, x_real, x_fake, text, step=step)
+        engine.step = step
+        last = d_step(d, opt, x_real, x_fake, text, cfg=NO_AUGMENT, engine=engine)
     assert last["d_loss"] < 0.3 * first["d_loss"] and last["d_real"] > 0.8 > 0.2 > last["d_fake"]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_steps_under_autocast_with_a_shared_grad_scaler(dtype):
-    """The mixed-precision path (CUDA's, run here on the CPU): bf16 needs no scaler; fp16 shares one
-    enabled GradScaler between both steps, which skips a step whose scaled gradients overflow."""
+def test_steps_through_a_cpu_accelerator(tiny_bert):
+    """What train_gan does: an Accelerator (no mixed precision on the CPU) in the Engine; d_step trains
+    only D and g_step only G, through ``accelerator.backward``."""
+    accelerator = make_accelerator("cpu", amp=False)
+    assert accelerator.device.type == "cpu" and accelerator.mixed_precision == "no"
+    g, d = tiny_g(), tiny_d(num_classes=NUM_CLASSES)
+    G, D, g_opt, d_opt = accelerator.prepare(g, d, torch.optim.Adam(g.parameters(), 1e-3),
+                                             torch.optim.Adam(d.parameters(), 1e-3))
+    engine = seeded_engine(0, accelerator)
+    assert engine.scaler is None  # float32: no GradScaler
+    text, z = tiny_bert.encode(CAPTIONS), torch.randn(4, 16)
+    labels = torch.tensor([list(parse_caption(c).values()) for c in CAPTIONS])  # (4, 4)
+    cfg = GANTrainConfig(r1_gamma=1.0)  # the training default: DiffAugment "color,translation"
+    with torch.no_grad(), engine.autocast():
+        x_fake = G(z, text, rng=engine.rng)
+    g_before, d_before = snapshot(g), parameters(d)
+    d_stats = d_step(D, d_opt, images(4), x_fake, text, text.pooled[[1, 2, 3, 0]], labels, cfg, engine)
+    assert all(math.isfinite(v) for v in d_stats.values()) and d_stats["r1"] > 0 and d_stats["d_aux"] > 0
+    assert same(snapshot(g), g_before) and not same(parameters(d), d_before)
+    d_before = snapshot(d)
+    g_stats = g_step(G, D, g_opt, z, text, labels, cfg, engine)
+    assert all(math.isfinite(v) for v in g_stats.values()) and g_stats["g_aux"] > 0
+    assert same(snapshot(d), d_before) and not same(snapshot(g), g_before)
+
+
+@pytest.fixture
+def bf16_accelerator():
+    """A real Accelerator with bf16 autocast on the CPU (make_accelerator uses mixed precision on CUDA
+    only, so the test builds it itself). Accelerate keeps one state per process: reset before and after."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield Accelerator(cpu=True, mixed_precision="bf16")
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_steps_under_bf16_autocast(bf16_accelerator):
+    """The mixed-precision path without a scaler (bf16): both networks run in bf16 inside the steps,
+    the losses are float32 and finite, and each step trains its own network."""
+    engine = seeded_engine(0, bf16_accelerator)
+    assert engine.scaler is None
     g, d = tiny_g(), tiny_d()
     g_opt, d_opt = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
-    scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
+    dtypes = []
+    d.convs[0].register_forward_hook(lambda m, i, o: dtypes.append(("D", o.dtype)))
+    g.to_rgb.register_forward_hook(lambda m, i, o: dtypes.append(("G", o.dtype)))
     text, z = random_text(4), torch.randn(4, 16)
-    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+    with torch.no_grad(), engine.autocast():
         x_fake = g(z, text)
-    assert x_fake.dtype == dtype
+    assert x_fake.dtype == torch.bfloat16
+    dtypes.clear()
     g_before, d_before = parameters(g), parameters(d)
-    d_stats = d_step(d, d_opt, images(4), x_fake, text, text.pooled[[1, 2, 3, 0]], r1_gamma=1.0,
-                     scaler=scaler, amp_dtype=dtype)
-    g_stats = g_step(g, d, g_opt, z, text, scaler=scaler, amp_dtype=dtype)
-    assert math.isfinite(d_stats["d_adv"]) and math.isfinite(g_stats["g_loss"])
-    assert not same(parameters(g), g_before)
-    if dtype == torch.bfloat16:
-        assert math.isfinite(d_stats["r1"]) and not same(parameters(d), d_before)
-    else:  # R1's gradient, scaled by 2^16, overflows float16 at first: the step is skipped, the scale halved
-        assert scaler.get_scale() < 2.0 ** 16
+    d_stats = d_step(d, d_opt, images(4), x_fake, text, text.pooled[[1, 2, 3, 0]], cfg=GANTrainConfig(r1_gamma=1.0),
+                     engine=engine)
+    assert dtypes == [("D", torch.bfloat16)] * 2  # the real and the fake batch
+    assert all(math.isfinite(v) for v in d_stats.values()) and d_stats["r1"] > 0
+    assert not same(parameters(d), d_before) and same(parameters(g), g_before)
+    dtypes.clear()
+    d_before = parameters(d)
+    g_stats = g_step(g, d, g_opt, z, text, cfg=GANTrainConfig(), engine=engine)
+    assert dtypes == [("G", torch.bfloat16), ("D", torch.bfloat16)]
+    assert all(math.isfinite(v) for v in g_stats.values())
+    assert not same(parameters(g), g_before) and same(parameters(d), d_before)
+
+
+class Float16Accelerator:
+    """What Accelerate does with fp16 on CUDA, here on the CPU (where Accelerate makes no GradScaler):
+    fp16 autocast, a GradScaler that ``backward`` scales the loss with, and optimisers wrapped in
+    Accelerate's AcceleratedOptimizer, which skips a step whose scaled gradients overflowed."""
+
+    def __init__(self, init_scale: float):
+        make_accelerator("cpu", amp=False)  # Accelerate's process state, which AcceleratedOptimizer reads
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+
+    def autocast(self):
+        return torch.autocast("cpu", dtype=torch.float16)
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+    def optimizer(self, params):
+        from accelerate.optimizer import AcceleratedOptimizer
+
+        return AcceleratedOptimizer(torch.optim.Adam(params, 1e-3), scaler=self.scaler)
+
+
+def test_steps_with_an_fp16_grad_scaler_shared_by_both_steps():
+    """fp16 shares one GradScaler between both steps. R1's gradient, scaled by 2^16, overflows float16
+    at first: d_step must not call that a non-finite loss (its guard is the adversarial loss), and the
+    step is skipped and the scale halved; g_step then updates G at the lowered scale."""
+    accelerator = Float16Accelerator(init_scale=2.0 ** 16)
+    engine = seeded_engine(0, accelerator)
+    assert engine.scaler is accelerator.scaler
+    g, d = tiny_g(), tiny_d()
+    g_opt, d_opt = accelerator.optimizer(g.parameters()), accelerator.optimizer(d.parameters())
+    text, z = random_text(4), torch.randn(4, 16)
+    with torch.no_grad(), engine.autocast():
+        x_fake = g(z, text)
+    assert x_fake.dtype == torch.float16
+    g_before, d_before = parameters(g), parameters(d)
+    d_stats = d_step(d, d_opt, images(4), x_fake, text, text.pooled[[1, 2, 3, 0]], cfg=GANTrainConfig(r1_gamma=1.0),
+                     engine=engine)
+    assert math.isfinite(d_stats["d_adv"]) and not math.isfinite(d_stats["r1"])
+    assert d_opt.step_was_skipped and same(parameters(d), d_before) and accelerator.scaler.get_scale() == 2.0 ** 15
+    g_stats = g_step(g, d, g_opt, z, text, cfg=GANTrainConfig(), engine=engine)
+    assert all(math.isfinite(v) for v in g_stats.values())
+    assert not g_opt.step_was_skipped and not same(parameters(g), g_before) and same(parameters(d), d_before)
+
+    nan_d = NaNDiscriminator(DiscriminatorConfig.preset("quick", text_dim=32))  # a NaN adversarial loss still raises
+    with pytest.raises(NonFiniteLossError, match="d_loss is nan"):
+        d_step(nan_d, accelerator.optimizer(nan_d.parameters()), images(2), images(2, seed=1), random_text(2),
+               engine=engine)
 
 
 class NaNDiscriminator(Discriminator):
@@ -337,20 +480,67 @@ def test_non_finite_losses_raise_before_any_update():
     d = NaNDiscriminator(DiscriminatorConfig.preset("quick", text_dim=32))
     d_opt = torch.optim.Adam(d.parameters(), 1e-3)
     before = parameters(d)
+    engine = Engine()
+    engine.step = 7
     with pytest.raises(NonFiniteLossError, match="step 7: d_loss is nan"):
-        d_step(d, d_opt, images(2), images(2, seed=1), random_text(2), step=7)
+        d_step(d, d_opt, images(2), images(2, seed=1), random_text(2), engine=engine)
     assert same(parameters(d), before) and d_opt.state == {}  # (the forward's power iteration moved u, v)
 
     g, d = tiny_g(), tiny_d()
     g_opt = torch.optim.Adam(g.parameters(), 1e-3)
     before = snapshot(g)
+    engine.step = 3
     with pytest.raises(NonFiniteLossError, match="step 3: g_loss is inf"):
-        g_step(g, d, g_opt, torch.randn(2, 16), random_text(2), kl_weight=float("inf"), step=3)
+        g_step(g, d, g_opt, torch.randn(2, 16), random_text(2), cfg=GANTrainConfig(augment="", kl_weight=float("inf")),
+               engine=engine)
     assert same(snapshot(g), before) and g_opt.state == {}
     assert issubclass(NonFiniteLossError, FloatingPointError)
 
 
-# --- train_gan: exact resume, safe and atomic checkpoints ------------------------------------------
+def test_an_unconditional_d_step_refuses_labels():
+    d = PatchDiscriminator(PatchDiscriminatorConfig.preset("quick"))
+    opt = torch.optim.Adam(d.parameters())
+    x = images(2, size=64)
+    before = parameters(d)
+    with pytest.raises(ValueError, match="need text"):
+        d_step(d, opt, x, x, labels=torch.zeros(2, 4, dtype=torch.long))
+    assert same(parameters(d), before) and opt.state == {}
+    stats = d_step(d, opt, x, images(2, size=64, seed=1))  # without captions it trains
+    assert math.isnan(stats["d_wrong"]) and not same(parameters(d), before)
+
+
+def test_an_unconditional_d_step_refuses_mismatched_captions():
+    d = PatchDiscriminator(PatchDiscriminatorConfig.preset("quick"))
+    x = images(2, size=64)
+    with pytest.raises(ValueError, match="need text"):
+        d_step(d, torch.optim.Adam(d.parameters()), x, x, wrong_text=torch.zeros(2, 32))
+
+
+def test_aux_loss_trains_the_head_in_d_step_and_only_g_in_g_step(tiny_bert):
+    g, d = tiny_g(), tiny_d(num_classes=NUM_CLASSES)
+    g_opt, d_opt = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
+    text, z = tiny_bert.encode(CAPTIONS), torch.randn(4, 16)
+    labels = torch.tensor([list(parse_caption(c).values()) for c in CAPTIONS])  # (4, 4)
+    head = {k: v.detach().clone() for k, v in d.classifier.named_parameters()}
+    stats = d_step(d, d_opt, images(4), g(z, text), text, labels=labels)
+    assert stats["d_aux"] > 0 and stats["d_loss"] == pytest.approx(stats["d_adv"] + stats["d_aux"], rel=1e-6)
+    assert all(not torch.equal(v, head[k]) for k, v in d.classifier.named_parameters())  # the head learned
+    other = tiny_d(num_classes=NUM_CLASSES)
+    other_head = {k: v.detach().clone() for k, v in other.classifier.named_parameters()}
+    without = d_step(other, torch.optim.Adam(other.parameters()), images(4), g(z, text), text)
+    assert without["d_aux"] == 0
+    assert all(torch.equal(v, other_head[k]) for k, v in other.classifier.named_parameters())  # no labels, no signal
+    half = GANTrainConfig(augment="", aux_weight=0.5)
+    third = tiny_d(num_classes=NUM_CLASSES)
+    weighted = d_step(third, torch.optim.Adam(third.parameters()), images(4), g(z, text), text, labels=labels,
+                      cfg=half)
+    assert weighted["d_loss"] == pytest.approx(weighted["d_adv"] + 0.5 * weighted["d_aux"], rel=1e-6)
+    d_before = snapshot(d)
+    stats = g_step(g, d, g_opt, z, text, labels=labels)
+    assert stats["g_aux"] > 0 and same(snapshot(d), d_before)
+
+
+# --- train_gan: history, exact resume, safe and atomic checkpoints --------------------------------
 
 @pytest.fixture(scope="module")
 def shapes32():
@@ -368,18 +558,26 @@ def run(tiny_bert, data, steps, seed=0, **kwargs):
 
 def test_train_gan_history_and_the_global_rng(tiny_bert, shapes32):
     g, d = tiny_g(), tiny_d()
+    g_before, d_before = snapshot(g), snapshot(d)
     state = torch.get_rng_state()
     h = train_gan(g, d, tiny_bert, shapes32, CFG, steps=3, progress=False, log_every=1)
     assert torch.equal(torch.get_rng_state(), state)  # every draw comes from train_gan's own generators
+    assert set(h) == {"step", "seconds", *LOGGED}
     assert h["step"] == [0, 1, 2] and h["seconds"] > 0
-    assert all(len(h[k]) == 3 for k in ("d_loss", "g_loss", "d_real", "d_fake", "d_wrong", "r1", "kl"))
-    assert all(0 < v < 1 for v in h["d_wrong"])
+    assert all(len(h[k]) == 3 for k in LOGGED)
+    assert all(0 < v < 1 for v in h["d_wrong"]) and all(v > 0 for v in h["r1"])
+    assert h["d_aux"] == h["g_aux"] == [0.0] * 3  # no attribute head
+    assert not same(snapshot(g), g_before) and not same(snapshot(d), d_before)  # trained in place
+    h = train_gan(tiny_g(), tiny_d(), tiny_bert, shapes32, CFG, steps=5, progress=False, log_every=2)
+    assert h["step"] == [0, 2, 4]  # every log_every steps, and the last
+    with pytest.raises(ValueError, match="32x32"):
+        train_gan(tiny_g(), tiny_d(), tiny_bert, ShapesDataset(8), CFG, steps=1, progress=False)
 
 
 def test_resume_is_bit_exact(tiny_bert, shapes32, tmp_path):
     g_a, d_a, h_a = run(tiny_bert, shapes32, 6, checkpoint_dir=tmp_path / "a", checkpoint_every=100)
     run(tiny_bert, shapes32, 3, checkpoint_dir=tmp_path / "b", checkpoint_every=3)
-    assert load_checkpoint(tmp_path / "b" / CHECKPOINT_NAME)["step"] == 3
+    assert load_checkpoint(tmp_path / "b" / CHECKPOINT)["step"] == 3
 
     torch.manual_seed(12345)  # clobber every global RNG, and start from other weights
     random.seed(12345)
@@ -388,8 +586,9 @@ def test_resume_is_bit_exact(tiny_bert, shapes32, tmp_path):
 
     assert same(snapshot(g_b), snapshot(g_a)) and same(snapshot(d_b), snapshot(d_a))
     assert {k: v for k, v in h_b.items() if k != "seconds"} == {k: v for k, v in h_a.items() if k != "seconds"}
-    a, b = (load_checkpoint(tmp_path / run_ / CHECKPOINT_NAME) for run_ in ("a", "b"))
+    a, b = (load_checkpoint(tmp_path / run_ / CHECKPOINT) for run_ in ("a", "b"))
     assert a["step"] == b["step"] == 6
+    assert a["format"] == "textimg.training/1" and a["loop"] == "gan_training"
 
     def assert_equal(x, y, where):
         if isinstance(x, dict):
@@ -405,7 +604,7 @@ def test_resume_is_bit_exact(tiny_bert, shapes32, tmp_path):
         else:
             assert x == y, where
 
-    for key in ("g_opt", "d_opt", "data", "rng", "generator", "discriminator"):
+    for key in ("g_opt", "d_opt", "data", "rng", "generator", "discriminator", "history"):
         assert_equal(a[key], b[key], key)  # optimiser state, the data order, the RNG states
     next_a, next_b = BatchOrder(40, 8), BatchOrder(40, 8)
     next_a.load_state_dict(a["data"])
@@ -415,11 +614,14 @@ def test_resume_is_bit_exact(tiny_bert, shapes32, tmp_path):
     with pytest.raises(ValueError, match="differs in"):  # a changed config is refused
         train_gan(tiny_g(), tiny_d(), tiny_bert, shapes32, GANTrainConfig.preset("quick", batch_size=4),
                   steps=7, checkpoint_dir=tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="differs in"):  # so is another discriminator
+        train_gan(tiny_g(), tiny_d(channels=4), tiny_bert, shapes32, CFG, steps=7, checkpoint_dir=tmp_path / "b",
+                  progress=False)
 
 
 def test_a_failed_write_leaves_the_last_checkpoint_intact(tiny_bert, shapes32, tmp_path, monkeypatch):
     run(tiny_bert, shapes32, 2, checkpoint_dir=tmp_path, checkpoint_every=1)
-    path = tmp_path / CHECKPOINT_NAME
+    path = tmp_path / CHECKPOINT
     good = path.read_bytes()
     real_save = torch.save
 
@@ -434,18 +636,19 @@ def test_a_failed_write_leaves_the_last_checkpoint_intact(tiny_bert, shapes32, t
         run(tiny_bert, shapes32, 3, checkpoint_dir=tmp_path, checkpoint_every=1)
     monkeypatch.undo()
     assert path.read_bytes() == good and load_checkpoint(path)["step"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]  # no temporary file left
 
 
 def test_a_non_finite_step_writes_no_checkpoint(tiny_bert, shapes32, tmp_path):
     run(tiny_bert, shapes32, 2, checkpoint_dir=tmp_path, checkpoint_every=1)
-    good = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    good = (tmp_path / CHECKPOINT).read_bytes()
     torch.manual_seed(0)
     poisoned = NaNDiscriminator(DiscriminatorConfig.preset("quick", text_dim=32))
     with pytest.raises(NonFiniteLossError, match="step 0: d_loss"):
         train_gan(tiny_g(), poisoned, tiny_bert, shapes32, CFG, steps=4, checkpoint_dir=tmp_path,
                   checkpoint_every=1, resume=False, progress=False)
-    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == good
+    assert (tmp_path / CHECKPOINT).read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]
 
 
 class Payload:
@@ -461,7 +664,8 @@ class Payload:
 
 
 def test_loading_refuses_pickled_objects(tiny_bert, shapes32, tmp_path, monkeypatch):
-    torch.save({"format": "textimg.gan_training/1", "step": 1, "payload": Payload()}, tmp_path / CHECKPOINT_NAME)
+    torch.save({"format": "textimg.training/1", "loop": "gan_training", "step": 1, "payload": Payload()},
+               tmp_path / CHECKPOINT)
     with pytest.raises(ValueError, match="could not be read"):
         run(tiny_bert, shapes32, 2, checkpoint_dir=tmp_path)
     assert not Payload.ran  # weights_only=True: the pickle's code never ran
@@ -469,152 +673,19 @@ def test_loading_refuses_pickled_objects(tiny_bert, shapes32, tmp_path, monkeypa
     calls = []
     real_load = torch.load
     monkeypatch.setattr(textimg.utils.torch, "load", lambda *a, **kw: calls.append(kw) or real_load(*a, **kw))
-    (tmp_path / CHECKPOINT_NAME).unlink()
+    (tmp_path / CHECKPOINT).unlink()
     run(tiny_bert, shapes32, 1, checkpoint_dir=tmp_path)
-    run(tiny_bert, shapes32, 2, checkpoint_dir=tmp_path)  # resumes
+    _, _, h = run(tiny_bert, shapes32, 2, checkpoint_dir=tmp_path)  # resumes
+    assert h["step"] == [0, 1] and load_checkpoint(tmp_path / CHECKPOINT)["step"] == 2
     assert calls and all(kw.get("weights_only") is True for kw in calls)
 
 
-# --- the refiner's adversarial fine-tuning ---------------------------------------------------------
-
-def test_finetune_refiner_runs_and_changes_the_refiner(tiny_bert):
-    torch.manual_seed(0)
-    refiner = Refiner(RefinerConfig.preset("quick", text_dim=32))
-    patch_d = PatchDiscriminator(PatchDiscriminatorConfig.preset("quick", spectral_norm=True))
-    before = snapshot(refiner)
-    state = torch.get_rng_state()
-    h = finetune_refiner(refiner, patch_d, ShapesDataset(16), tiny_bert, steps=3, batch_size=4, adaptive=True,
-                         r1_gamma=0.1, progress=False, log_every=1)
-    assert torch.equal(torch.get_rng_state(), state)
-    assert h["step"] == [0, 1, 2] and all(math.isfinite(v) for k in ("recon", "r_adv", "d_loss") for v in h[k])
-    assert all(v > 0 for v in h["adv_weight"])
-    assert not same(snapshot(refiner), before)
-    with pytest.raises(ValueError, match="encoder"):
-        finetune_refiner(refiner, patch_d, ShapesDataset(4), None, steps=1, progress=False)
-
-
-# --- metrics: diversity and sharpness -------------------------------------------------------------
-
-def test_diversity_is_zero_for_copies_and_positive_otherwise():
-    torch.manual_seed(0)
-    judge = Judge(JudgeConfig.preset("quick")).train()
-    one = images(1, seed=0).expand(5, -1, -1, -1)
-    assert judge_features(judge, one).shape == (5, 128) and judge.training  # mode restored
-    assert diversity(judge, one) == pytest.approx(0.0, abs=1e-5)  # a collapsed generator
-    different = images(5, seed=1)
-    assert diversity(judge, different) > 1e-3
-    f = judge_features(judge, different[:2])
-    assert diversity(judge, different[:2]) == pytest.approx((f[0] - f[1]).norm().item(), rel=1e-5)
-    with pytest.raises(ValueError, match="at least 2"):
-        diversity(judge, different[:1])
-
-
-def test_sharpness_prefers_a_sharp_edge_to_its_blur():
-    sharp = -torch.ones(1, 3, 32, 32)
-    sharp[..., 16:] = 1.0  # a vertical edge
-    kernel = torch.ones(3, 1, 5, 5) / 25
-    blurred = F.conv2d(F.pad(sharp, (2, 2, 2, 2), mode="replicate"), kernel, groups=3)
-    assert sharpness(sharp) > 5 * sharpness(blurred) > 0
-    assert sharpness(-torch.ones(2, 3, 16, 16)) == 0.0  # a flat image
-
-
-# --- the AC-GAN head ------------------------------------------------------------------------------
-
-def test_classify_loss_by_hand_and_its_errors():
-    d = tiny_d(num_classes=[3, 2]).eval()  # a JSON list becomes a tuple; eval: spectral norm holds still
-    assert d.cfg.num_classes == (3, 2)
-    assert DiscriminatorConfig.from_dict(d.cfg.to_dict()) == d.cfg
-    h = torch.randn(5, d.cfg.feature_dim)
-    labels = torch.tensor([[0, 1], [2, 0], [1, 1], [0, 0], [2, 1]])
-    logits = d.classifier(h)  # (5, 3 + 2)
-    expected = (torch.nn.functional.cross_entropy(logits[:, :3], labels[:, 0])
-                + torch.nn.functional.cross_entropy(logits[:, 3:], labels[:, 1])) / 2
-    assert torch.allclose(d.classify_loss(h, labels), expected)
-    with pytest.raises(ValueError, match=r"labels must be \(B, 2\)"):
-        d.classify_loss(h, labels[:, :1])
-    with pytest.raises(ValueError, match="no classifier head"):
-        tiny_d().classify_loss(h, labels)
-    with pytest.raises(ValueError, match="at least 2 classes"):
-        tiny_d(num_classes=(3, 1))
-
-
-def test_aux_loss_trains_the_head_in_d_step_and_only_g_in_g_step(tiny_bert):
-    g, d = tiny_g(), tiny_d(num_classes=(6, 8, 2, 9))
-    g_opt, d_opt = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
-    text, z = tiny_bert.encode(CAPTIONS), torch.randn(4, 16)
-    labels = torch.tensor([list(parse_caption(c).values()) for c in CAPTIONS])  # (4, 4)
-    head = d.classifier.weight.detach().clone() if hasattr(d.classifier, "weight") else None
-    stats = d_step(d, d_opt, images(4), g(z, text), text, labels=labels)
-    assert stats["d_aux"] > 0 and not torch.equal(d.classifier.weight.detach(), head)
-    without = d_step(tiny_d(num_classes=(6, 8, 2, 9)), torch.optim.Adam(d.parameters()), images(4), g(z, text), text)
-    assert without["d_aux"] == 0
-    d_before = snapshot(d)
-    stats = g_step(g, d, g_opt, z, text, labels=labels)
-    assert stats["g_aux"] > 0 and same(snapshot(d), d_before)
-
+# --- the AC-GAN head in the loop --------------------------------------------------------------------
 
 def test_train_gan_with_the_aux_head(tiny_bert, shapes32):
-    g, d = tiny_g(), tiny_d(num_classes=tuple(len(v) for v in ShapesDataset.ATTRIBUTES.values()))
+    g, d = tiny_g(), tiny_d(num_classes=NUM_CLASSES)
     h = train_gan(g, d, tiny_bert, shapes32, CFG, steps=2, progress=False, log_every=1)
     assert all(v > 0 for v in h["d_aux"] + h["g_aux"])
     captions_only = [{"image": shapes32[i]["image"], "caption": shapes32[i]["caption"]} for i in range(8)]
     with pytest.raises(ValueError, match="'labels' dict"):
-        train_gan(tiny_g(), tiny_d(num_classes=(6, 8, 2, 9)), tiny_bert, captions_only, CFG, steps=1, progress=False)
-
-
-# --- measuring a generator, and the committed checkpoints -----------------------------------------
-
-def test_save_and_load_generator_round_trip_and_hash(tmp_path):
-    from textimg.gan import load_generator, save_generator
-    from textimg.utils import ChecksumError
-
-    g = tiny_g()
-    directory = save_generator(g, tmp_path / "ckpt" / "gen", {"steps": 3}, tmp_path / "ckpt" / "MANIFEST.json")
-    loaded = load_generator(directory, tmp_path / "ckpt" / "MANIFEST.json")
-    assert same(snapshot(loaded), snapshot(g)) and not loaded.training
-    z, text = torch.randn(2, 16), random_text(2)
-    assert torch.equal(loaded(z, text), g.eval()(z, text))
-    save_generator(tiny_g(seed=1), directory, manifest=None)  # replaced behind the manifest's back
-    with pytest.raises(ChecksumError, match=r"model\.safetensors"):
-        load_generator(directory, tmp_path / "ckpt" / "MANIFEST.json")
-
-
-def test_evaluate_generator_scores_with_the_judge(tiny_bert):
-    from textimg.gan import evaluate_generator
-    from textimg.metrics import load_judge
-
-    judge = load_judge()
-    s = evaluate_generator(tiny_g(), tiny_bert, judge, num_samples=8, diversity_captions=2, diversity_samples=3)
-    assert set(s["accuracy"]) == {"shape", "color", "size", "position", "all"} and s["size"] == 32
-    assert all(0 <= v <= 1 for v in s["accuracy"].values()) and s["diversity"] > 0 and s["sharpness"] > 0
-    refiner = Refiner(RefinerConfig.preset("quick", text_dim=32))
-    assert evaluate_generator(tiny_g(), tiny_bert, judge, num_samples=4, diversity_captions=1,
-                              diversity_samples=2, refiner=refiner)["size"] == 64
-
-
-@pytest.mark.parametrize("name", ["generator_gan", "refiner_gan"])
-def test_committed_gan_checkpoints_load_and_match_the_manifest(name):
-    from textimg.gan import GENERATOR_DIR, REFINER_GAN_DIR, load_generator
-    from textimg.metrics import CHECKPOINTS, MANIFEST
-    from textimg.utils import sha256_file
-    from textimg.vqvae import load_refiner
-
-    directory = {"generator_gan": GENERATOR_DIR, "refiner_gan": REFINER_GAN_DIR}[name]
-    entries = json.loads(MANIFEST.read_text())
-    for file in ("model.safetensors", "config.json"):
-        assert entries[f"{name}/{file}"] == sha256_file(CHECKPOINTS / name / file)
-    model = load_generator(directory) if name == "generator_gan" else load_refiner(directory)
-    config = json.loads((directory / "config.json").read_text())
-    assert config["training"]["function"].startswith("textimg.")  # how it was made, reproducibly
-    assert config["training"]["steps"] > 0 and config["training"]["preset"] in ("cpu", "gpu")
-    assert config["parameters"] == sum(p.numel() for p in model.parameters())
-
-
-def test_an_unconditional_d_step_refuses_captions_and_labels():
-    d = PatchDiscriminator(PatchDiscriminatorConfig.preset("quick"))
-    opt = torch.optim.Adam(d.parameters())
-    x = images(2, size=64)
-    with pytest.raises(ValueError, match="need text"):
-        d_step(d, opt, x, x, labels=torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="need text"):
-        d_step(d, opt, x, x, wrong_text=torch.zeros(2, 32))
+        train_gan(tiny_g(), tiny_d(num_classes=NUM_CLASSES), tiny_bert, captions_only, CFG, steps=1, progress=False)

@@ -1,13 +1,28 @@
-"""Tests for textimg.generator: shapes and contracts on tiny configs, hand-worked values, and learning."""
+"""Tests for textimg.generator: shapes and contracts on tiny configs, hand-worked values, learning, and
+saving / loading (also a textimg 0.1 folder)."""
+
+import json
 
 import pytest
 import torch
 
 from textimg.data import ShapesDataset
-from textimg.generator import (ConditioningAugmentation, ConditionalNorm2d, Generator, GeneratorConfig,
-                               SelfAttention2d, UpBlock, WordCrossAttention, regression_loss, sample,
-                               train_regression)
+from textimg.generator import (
+    ConditionalNorm2d,
+    ConditioningAugmentation,
+    Generator,
+    GeneratorConfig,
+    RegressionConfig,
+    SelfAttention2d,
+    UpBlock,
+    WordCrossAttention,
+    regression_loss,
+    sample,
+    train_regression,
+)
+from textimg.metrics import Judge
 from textimg.text import TextEncoding
+from textimg.utils import ChecksumError, ModelMixin, read_config, sha256_file
 
 SHORT = "a small red circle in the top left"
 LONG = "in the bottom right corner there is a huge turquoise plus sign"
@@ -190,13 +205,33 @@ def test_train_regression_learns_and_repeats(tiny_bert):
     for _ in range(2):
         g = make(seed=1)
         state = torch.get_rng_state()
-        runs.append(train_regression(g, tiny_bert, ds, steps=25, batch_size=16, lr=3e-3, seed=3,
-                                     progress=False, log_every=5))
+        runs.append((train_regression(g, tiny_bert, ds, RegressionConfig(batch_size=16, lr=3e-3, seed=3), steps=25,
+                                      progress=False, log_every=5), g))
         assert torch.equal(torch.get_rng_state(), state)  # the global RNG was not touched
-    h = runs[0]
+    h = runs[0][0]
     assert h["step"] == [0, 5, 10, 15, 20, 24] and len(h["loss"]) == len(h["pixel"]) == len(h["kl"]) == 6
-    assert h["pixel"][-1] < 0.5 * h["pixel"][0]
-    assert runs[0]["loss"] == runs[1]["loss"]  # same seed, same run
+    assert h["pixel"][-1] < 0.5 * h["pixel"][0] and h["seconds"] > 0
+    for loss, pixel, kl in zip(h["loss"], h["pixel"], h["kl"]):  # loss = pixel + kl_weight * KL
+        assert loss == pytest.approx(pixel + 1e-3 * kl, rel=1e-5)
+    assert runs[0][0]["loss"] == runs[1][0]["loss"]  # same seed, same run
+    assert all(torch.equal(v, runs[1][1].state_dict()[k]) for k, v in runs[0][1].state_dict().items())
+    other = train_regression(make(seed=1), tiny_bert, ds, RegressionConfig(batch_size=16, lr=3e-3, seed=4), steps=6,
+                             progress=False, log_every=5)
+    assert other["loss"][1] != h["loss"][1]  # another seed, another batch order and noise
+
+
+def test_regression_config_and_kl_weight(tiny_bert):
+    cfg = RegressionConfig()
+    assert (cfg.batch_size, cfg.lr, cfg.kl_weight, cfg.seed) == (64, 2e-3, 1e-3, 0)
+    assert RegressionConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown RegressionConfig field"):
+        RegressionConfig.from_dict({"steps": 3})
+    ds = ShapesDataset(16, image_size=32)
+    h = train_regression(make(), tiny_bert, ds, RegressionConfig(batch_size=8, kl_weight=2.0), steps=2,
+                         progress=False, log_every=1)
+    assert h["step"] == [0, 1]
+    for loss, pixel, kl in zip(h["loss"], h["pixel"], h["kl"]):
+        assert loss == pytest.approx(pixel + 2.0 * kl, rel=1e-5)
 
 
 def test_sample_is_seeded_and_leaves_the_global_rng_alone(tiny_bert):
@@ -207,3 +242,75 @@ def test_sample_is_seeded_and_leaves_the_global_rng_alone(tiny_bert):
     assert torch.equal(a, sample(g, tiny_bert, [SHORT, OTHER], seed=1))
     assert not torch.equal(a, sample(g, tiny_bert, [SHORT, OTHER], seed=2))
     assert a.shape == (2, 3, 32, 32)
+
+
+# --- saving and loading ---------------------------------------------------------------------------
+
+def test_save_and_load_round_trip_and_hash(tmp_path):
+    g = make(gates=0.5)
+    manifest = tmp_path / "ckpt" / "MANIFEST.json"
+    directory = g.save_pretrained(tmp_path / "ckpt" / "gen", {"steps": 3}, manifest)
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
+    config = read_config(directory)
+    assert config["class"] == "Generator" and GeneratorConfig.from_dict(config["config"]) == g.cfg
+    assert config["steps"] == 3 and config["weights_sha256"] == sha256_file(directory / "model.safetensors")
+    assert set(json.loads(manifest.read_text())) == {"gen/model.safetensors", "gen/config.json"}
+    loaded = Generator.from_pretrained(directory, manifest)
+    assert isinstance(loaded, Generator) and not loaded.training and loaded.cfg == g.cfg
+    assert all(torch.equal(v, g.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert loaded.state_dict().keys() == g.state_dict().keys()
+    z, text = torch.randn(2, 16), TextEncoding(torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.bool),
+                                               torch.randn(2, 32))
+    assert torch.equal(loaded(z, text), g.eval()(z, text))
+    assert isinstance(ModelMixin.from_pretrained(directory), Generator)  # the class named in config.json
+    with pytest.raises(ValueError, match="holds a Generator, not a Judge"):
+        Judge.from_pretrained(directory)
+
+    make(seed=1).save_pretrained(directory)  # replaced behind the manifest's back
+    Generator.from_pretrained(directory)  # by itself the folder is consistent ...
+    with pytest.raises(ChecksumError, match=r"gen/model\.safetensors does not match its SHA-256"):
+        Generator.from_pretrained(directory, manifest)  # ... but not the one the manifest recorded
+    weights = directory / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=r"model\.safetensors does not match the SHA-256 recorded in"):
+        Generator.from_pretrained(directory)
+
+
+def write_v1_folder(directory, generator: Generator, config: dict):
+    """A folder as textimg 0.1 wrote it (utils.save_pretrained_module): the weights and a config.json of
+    another form, without a hash of the weights."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    state = {k: v.contiguous().clone() for k, v in generator.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("layout", ["save_generator", "notebook_02"])
+def test_a_textimg_0_1_folder_still_loads(tmp_path, layout):
+    """0.1's save_generator wrote {"model": "Generator", "generator": cfg, ...facts}; notebook 02 wrote
+    {"generator": cfg, "encoder", "steps", ...}. Both load through ModelMixin's upgrade, unchanged on disk."""
+    g = make(gates=0.5, self_attention=False)
+    cfg = g.cfg.to_dict()
+    config = ({"model": "Generator", "generator": cfg, "steps": 3} if layout == "save_generator" else
+              {"generator": cfg, "encoder": "tiny-bert", "steps": 5, "preset": "quick", "loss": "regression"})
+    write_v1_folder(tmp_path / "old", g, config)
+    before = (tmp_path / "old" / "config.json").read_bytes()
+    loaded = Generator.from_pretrained(tmp_path / "old")
+    assert loaded.cfg == g.cfg and not loaded.cfg.self_attention and not loaded.training
+    assert all(torch.equal(v, g.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert (tmp_path / "old" / "config.json").read_bytes() == before  # not rewritten
+    if layout == "save_generator":
+        assert isinstance(ModelMixin.from_pretrained(tmp_path / "old"), Generator)  # "model" names the class
+        with pytest.raises(ValueError, match="holds a Generator, not a Judge"):
+            Judge.from_pretrained(tmp_path / "old")
+    else:  # no class named: only a caller who says which class can load it
+        with pytest.raises(ValueError, match="not a textimg model config"):
+            ModelMixin.from_pretrained(tmp_path / "old")
+    config["generator"] = {**cfg, "channels": cfg["channels"] * 2}  # a config that does not fit the weights
+    write_v1_folder(tmp_path / "wrong", g, config)
+    with pytest.raises(ValueError, match=r"model\.safetensors and .*config\.json do not describe the same Generator"):
+        Generator.from_pretrained(tmp_path / "wrong")

@@ -6,8 +6,18 @@ import sys
 import pytest
 import torch
 
-from textimg.training import (BatchOrder, Engine, TrainingCheckpoint, describe_machine, fetch, frozen,
-                              global_rng_state, rounded, run_facts, set_global_rng_state)
+from textimg.training import (
+    BatchOrder,
+    Engine,
+    TrainingCheckpoint,
+    describe_machine,
+    fetch,
+    frozen,
+    global_rng_state,
+    rounded,
+    run_facts,
+    set_global_rng_state,
+)
 from textimg.utils import evaluating, seeded
 
 

@@ -1,20 +1,14 @@
 """Tests for textimg.vqvae: the quantiser on a hand-made codebook, its gradients, EMA updates and
-restarts, shapes on tiny configs, learning, and the committed refiner. Also the image metrics
-(PSNR, SSIM) and codebook statistics of textimg.metrics that notebook 03 uses."""
-
-import json
-import math
-import shutil
+restarts, the VQ-VAE's shapes on tiny configs, and train_vqvae (learning, seeding, exact resume).
+The refiner built on it is tested in test_refiner.py."""
 
 import pytest
 import torch
 
 from textimg.data import ShapesDataset
-from textimg.metrics import codebook_perplexity, codebook_usage, psnr, ssim
-from textimg.text import TextEncoding
-from textimg.utils import ChecksumError, sha256_file
-from textimg.vqvae import (MANIFEST, REFINER_DIR, VQVAE, Refiner, RefinerConfig, ResBlock, VectorQuantizer,
-                           VQVAEConfig, bicubic, evaluate_refiner, load_refiner, refine, train_refiner, train_vqvae)
+from textimg.metrics import codebook_perplexity, codebook_usage
+from textimg.refiner import Refiner, RefinerConfig
+from textimg.vqvae import VQVAE, VectorQuantizer, VQTrainConfig, VQVAEConfig, train_vqvae
 
 CODEBOOK = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])  # K = 4 codes, D = 2
 
@@ -30,20 +24,19 @@ def hand_vq(**kwargs) -> VectorQuantizer:
     return vq
 
 
-def random_text(batch: int, dim: int = 32, seed: int = 0) -> TextEncoding:
-    g = torch.Generator().manual_seed(seed)
-    return TextEncoding(torch.randn(batch, 5, dim, generator=g), torch.ones(batch, 5, dtype=torch.bool),
-                        torch.randn(batch, dim, generator=g))
-
-
-def tiny_refiner(seed: int = 0, **overrides) -> Refiner:
-    torch.manual_seed(seed)
-    return Refiner(RefinerConfig.preset("quick", text_dim=32, **overrides))  # tiny-bert-sized text vectors
-
-
 def real_images(n: int, split: str = "train", seed: int = 0) -> torch.Tensor:
     ds = ShapesDataset(n, split=split, seed=seed, cache=False)
     return torch.stack([ds[i]["image"] for i in range(n)])  # (n, 3, 64, 64)
+
+
+def tiny_vqvae(seed: int = 0) -> VQVAE:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VQVAE(VQVAEConfig.preset("quick"))
+
+
+def without_seconds(history: dict) -> dict:
+    return {k: v for k, v in history.items() if k != "seconds"}
 
 
 # --- the quantiser, by hand ---------------------------------------------------------------------
@@ -120,7 +113,7 @@ def test_dead_code_restart_touches_only_unused_codes(ema):
     codes = torch.arange(16.0).view(8, 2)  # codes far apart: (0, 1), (2, 3), ..., (14, 15)
     sizes = torch.tensor([9.0, 9.0, 9.0, 9.0, 0.1, 0.1, 0.1, 0.1])  # usage EMA: codes 4..7 below the threshold
     vq = restartable(codes, sizes, ema)
-    vectors = codes[[0, 0, 1, 5, 5, 1]] + 0.01 * torch.arange(1.0, 7.0)[:, None]  # uses codes 0, 1 and (dead-looking) 5
+    vectors = codes[[0, 0, 1, 5, 5, 1]] + 0.01 * torch.arange(1.0, 7.0)[:, None]  # uses 0, 1 and (dead-looking) 5
     z_e = as_latents(vectors, 2, 3)
     vq.eval()(z_e)
     assert torch.equal(vq.codebook, codes)  # eval: no restarts
@@ -162,181 +155,79 @@ def test_distances_are_float32_under_autocast():
     assert out.indices.tolist() == [[[1, 0]]] and out.z_q.dtype == z_e.dtype
 
 
-# --- the models ---------------------------------------------------------------------------------
+# --- the model and the configs ------------------------------------------------------------------
 
 def test_configs_presets_and_round_trip():
-    for cls, model in ((VQVAEConfig, VQVAE), (RefinerConfig, Refiner)):
-        sizes = [model(cls.preset(p, **({"text_cond": False} if cls is RefinerConfig else {}))).num_parameters()
-                 for p in ("quick", "cpu", "gpu")]
-        assert sizes[0] < 100_000 < sizes[1] < 500_000 < sizes[2], sizes
-        cfg = cls.preset("cpu", num_codes=128)
-        assert cls.from_dict(cfg.to_dict()) == cfg and cfg.num_codes == 128
-        with pytest.raises(ValueError, match=f"unknown {cls.__name__} field"):
-            cls.from_dict({**cfg.to_dict(), "codes": 1})
-    assert VQVAEConfig().levels == 2 and RefinerConfig().levels == 1  # 16x16 and 32x32 latents
+    sizes = [VQVAE(VQVAEConfig.preset(p)).num_parameters() for p in ("quick", "cpu", "gpu")]
+    assert sizes[0] < 100_000 < sizes[1] < 500_000 < sizes[2], sizes
+    cfg = VQVAEConfig.preset("cpu", num_codes=128)
+    assert VQVAEConfig.from_dict(cfg.to_dict()) == cfg and cfg.num_codes == 128
+    with pytest.raises(ValueError, match="unknown VQVAEConfig field"):
+        VQVAEConfig.from_dict({**cfg.to_dict(), "codes": 1})
+    assert VQVAEConfig().levels == 2  # 16x16 latents
     with pytest.raises(ValueError, match="unknown preset"):
-        RefinerConfig.preset("huge")
+        VQVAEConfig.preset("huge")
     with pytest.raises(ValueError, match="levels"):
         VQVAEConfig(levels=0)
-    with pytest.raises(ValueError, match="upsample"):
-        RefinerConfig(upsample="lanczos")
+    with pytest.raises(ValueError, match="not divisible"):
+        VQVAEConfig(image_size=36, levels=3)
+
+    train = VQTrainConfig.preset("quick", lr=1e-3)
+    assert train.batch_size == 8 and train.lr == 1e-3 and VQTrainConfig.from_dict(train.to_dict()) == train
+    assert VQTrainConfig() == VQTrainConfig(batch_size=32, lr=2e-3, recon_loss="mse", text_dropout=0.1, seed=0)
+    with pytest.raises(ValueError, match="recon_loss"):
+        VQTrainConfig(recon_loss="l3")
+    with pytest.raises(ValueError, match="unknown VQTrainConfig field"):  # the old loose keyword is no field
+        VQTrainConfig.from_dict({"steps": 10})
 
 
-def test_vqvae_and_refiner_shapes():
-    torch.manual_seed(0)
-    vqvae = VQVAE(VQVAEConfig.preset("quick"))
+def test_vqvae_shapes():
+    vqvae = tiny_vqvae()
     x_rec, vq = vqvae(torch.rand(2, 3, 64, 64) * 2 - 1)
     assert x_rec.shape == (2, 3, 64, 64)  # unbounded, like the paper's (clamp to show it)
     assert vq.z_q.shape == (2, 16, 16, 16) and vq.indices.shape == (2, 16, 16)
     assert vq.loss.ndim == vq.perplexity.ndim == vq.usage.ndim == 0
-
-    refiner = tiny_refiner()
-    x_low = torch.rand(3, 3, 32, 32) * 2 - 1
-    x_rec, vq = refiner(x_low, random_text(3))
-    assert x_rec.shape == (3, 3, 64, 64) and x_rec.abs().max() <= 1
-    assert vq.z_q.shape == (3, 16, 32, 32) and vq.indices.shape == (3, 32, 32)
-    assert torch.allclose(x_rec, bicubic(x_low))  # the residual starts at zero: untrained = bicubic
-    with pytest.raises(ValueError, match="expected"):
-        refiner(torch.zeros(1, 3, 64, 64))
-    with pytest.raises(ValueError, match="pooled"):
-        refiner(x_low, random_text(2))
-
-
-def perturb_zero_inits(refiner: Refiner, seed: int = 0) -> Refiner:
-    """Gives the zero-initialised layers (FiLM, the last conv) random weights, as training would."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in refiner.modules():
-            if isinstance(m, ResBlock) and m.film is not None:
-                m.film.weight.copy_(torch.randn(m.film.weight.shape, generator=g))
-        last = refiner.decoder.up[-1]
-        last.weight.copy_(0.1 * torch.randn(last.weight.shape, generator=g))
-    return refiner
-
-
-def test_text_conditioning_changes_the_output_only_when_on():
-    x_low = torch.rand(2, 3, 32, 32) * 2 - 1
-    text_a, text_b = random_text(2, seed=1), random_text(2, seed=2)
-    refiner = perturb_zero_inits(tiny_refiner()).eval()
-    out_a, out_b, out_none = (refiner(x_low, t)[0] for t in (text_a, text_b, None))
-    assert not torch.allclose(out_a, out_b)
-    zeros = TextEncoding(text_a.tokens, text_a.mask, torch.zeros_like(text_a.pooled))
-    assert torch.equal(out_none, refiner(x_low, zeros)[0])  # None = the null caption (zeros)
-
-    plain = perturb_zero_inits(tiny_refiner(text_cond=False)).eval()
-    assert plain.text_proj is None
-    assert torch.equal(plain(x_low, text_a)[0], plain(x_low, text_b)[0])  # text ignored
-    assert torch.equal(plain(x_low, text_a)[0], plain(x_low)[0])
-
-
-def test_refine_batches_in_eval_mode_and_restores_the_mode():
-    refiner = perturb_zero_inits(tiny_refiner()).train()
-    x_low, text = torch.rand(5, 3, 32, 32) * 2 - 1, random_text(5)
-    whole, indices = refine(refiner, x_low, text, return_indices=True)
-    parts, part_indices = refine(refiner, x_low, text, batch_size=2, return_indices=True)  # 3 batches
-    assert torch.allclose(parts, whole, atol=1e-5) and torch.equal(part_indices, indices)
-    assert indices.shape == (5, 32, 32) and refiner.training
-    before = refiner.quantizer.codebook.clone()
-    refine(refiner, x_low, text)
-    assert torch.equal(refiner.quantizer.codebook, before)  # eval mode: no EMA updates, no restarts
+    assert vqvae.encode(torch.zeros(1, 3, 64, 64)).shape == (1, 16, 16, 16)
+    assert vqvae.decode(vq.z_q).shape == (2, 3, 64, 64)
+    x = torch.zeros(3, 3, 64, 64)
+    (same,) = vqvae.training_inputs(x, None)  # a VQ-VAE reconstructs its input
+    assert same is x
 
 
 # --- training -----------------------------------------------------------------------------------
 
 def test_vqvae_overfits_one_batch():
-    torch.manual_seed(0)
-    model = VQVAE(VQVAEConfig.preset("quick"))
-    history = train_vqvae(model, real_images(16), steps=80, batch_size=16, lr=3e-3, progress=False, log_every=20)
+    model = tiny_vqvae()
+    history = train_vqvae(model, real_images(16), VQTrainConfig(batch_size=16, lr=3e-3), steps=80, progress=False,
+                          log_every=20)
     assert history["step"] == [0, 20, 40, 60, 79]
+    assert set(history) == {"step", "loss", "recon", "vq_loss", "commit_loss", "codebook_loss", "perplexity",
+                            "usage", "seconds"}
     assert history["recon"][-1] < history["recon"][0] / 8, history["recon"]
     assert all(0 < u <= 1 for u in history["usage"]) and history["seconds"] > 0
 
 
-def test_refiner_overfits_one_batch_beyond_bicubic():
-    x_real = real_images(8)
-    bicubic_mse = (bicubic(torch.nn.functional.avg_pool2d(x_real, 2)) - x_real).pow(2).mean().item()
-    refiner = tiny_refiner(text_cond=False)
-    history = train_refiner(refiner, x_real, steps=150, batch_size=8, lr=3e-3, progress=False, log_every=149)
-    assert history["recon"][0] == pytest.approx(bicubic_mse, rel=1e-4)  # it starts as bicubic ...
-    assert history["recon"][-1] < 0.6 * bicubic_mse, (bicubic_mse, history["recon"])  # ... and learns the detail
-
-
-def test_training_is_seeded_and_leaves_the_global_rng_alone(tiny_bert):
-    data = ShapesDataset(40, split="train", seed=3)
+def test_train_vqvae_is_seeded_and_leaves_the_global_rng_alone():
+    data = real_images(24, seed=3)
     runs = []
     for _ in range(2):
-        refiner = tiny_refiner(seed=1)
         state = torch.random.get_rng_state()
-        runs.append(train_refiner(refiner, data, steps=4, batch_size=8, progress=False, log_every=1,
-                                  encoder=tiny_bert))
+        runs.append(train_vqvae(tiny_vqvae(seed=1), data, VQTrainConfig.preset("quick", seed=5), steps=4,
+                                progress=False, log_every=1))
         assert torch.equal(torch.random.get_rng_state(), state)
-    assert {k: v for k, v in runs[0].items() if k != "seconds"} == {k: v for k, v in runs[1].items() if k != "seconds"}
-    with pytest.raises(ValueError, match="encoder"):
-        train_refiner(tiny_refiner(), data, steps=1, progress=False)
-    with pytest.raises(TypeError, match="train_vqvae"):
-        train_refiner(VQVAE(VQVAEConfig.preset("quick")), data, steps=1, progress=False)
-    with pytest.raises(ValueError, match="recon_loss"):
-        train_vqvae(VQVAE(VQVAEConfig.preset("quick")), data, steps=1, progress=False, recon_loss="l3")
-
-
-# --- image metrics ------------------------------------------------------------------------------
-
-def test_psnr_and_ssim_by_hand():
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    assert psnr(x, x) == math.inf and ssim(x, x) == pytest.approx(1.0)
-    black = -torch.ones(2, 3, 16, 16)
-    off = black.clone()
-    off[0] += 0.2  # 0.1 on the [0, 1] scale: MSE 0.01, 20 dB
-    off[1] += 0.02  # 0.01: MSE 1e-4, 40 dB
-    assert psnr(off, black) == pytest.approx(30.0, abs=1e-3)  # per image, then averaged
-    assert psnr(off[:1], black[:1]) == pytest.approx(20.0, abs=1e-3)
-    noisy = (x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
-    assert ssim(noisy, x) < 0.9 and psnr(noisy, x) < psnr((x + noisy) / 2, x)
-
-
-# --- the committed refiner ----------------------------------------------------------------------
-
-def test_committed_refiner_matches_its_manifest_and_loads_safely():
-    recorded = json.loads(MANIFEST.read_text())
-    for name in ("model.safetensors", "config.json"):
-        assert recorded[f"refiner/{name}"] == sha256_file(REFINER_DIR / name)
-    weights = (REFINER_DIR / "model.safetensors").read_bytes()
-    header = int.from_bytes(weights[:8], "little")
-    json.loads(weights[8:8 + header])  # a safetensors file: a JSON header and raw tensors, no pickle
-    assert len(weights) < 5_000_000
-    refiner = load_refiner()
-    assert isinstance(refiner, Refiner) and not refiner.training
-    facts = json.loads((REFINER_DIR / "config.json").read_text())
-    assert facts["test"]["usage"] >= 0.9 and facts["test"]["psnr_refiner"] > facts["test"]["psnr_bicubic"]
-
-
-def test_committed_refiner_beats_bicubic_on_real_test_images(minilm):
-    refiner = load_refiner()
-    facts = json.loads((REFINER_DIR / "config.json").read_text())
-    encoder = minilm if facts["text_encoder"] == "minilm" else None
-    scores = evaluate_refiner(refiner, 64, split="test", seed=1, encoder=encoder)
-    assert scores["psnr_refiner"] > scores["psnr_bicubic"] + 3, scores
-    assert scores["ssim_refiner"] > scores["ssim_bicubic"], scores
-
-
-def test_a_tampered_refiner_is_refused(tmp_path):
-    shutil.copytree(REFINER_DIR, tmp_path / "refiner")
-    shutil.copy(MANIFEST, tmp_path / "MANIFEST.json")
-    load_refiner(tmp_path / "refiner", tmp_path / "MANIFEST.json")  # the copy is fine
-    weights = tmp_path / "refiner" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1  # one bit of one weight
-    weights.write_bytes(bytes(data))
-    with pytest.raises(ChecksumError, match=r"refiner/model\.safetensors does not match"):
-        load_refiner(tmp_path / "refiner", tmp_path / "MANIFEST.json")
+    assert without_seconds(runs[0]) == without_seconds(runs[1])
+    other = train_vqvae(tiny_vqvae(seed=1), data, VQTrainConfig.preset("quick", seed=6), steps=4, progress=False,
+                        log_every=1)  # another seed: another batch order
+    assert without_seconds(other) != without_seconds(runs[0])
+    with pytest.raises(TypeError):  # the loose keywords are gone: they live in VQTrainConfig
+        train_vqvae(tiny_vqvae(), data, steps=1, progress=False, batch_size=8)
 
 
 def test_training_resumes_exactly_from_a_checkpoint(tmp_path, tiny_bert):
-    """6 steps straight == 3 steps, an interruption, a fresh model, resume to 6 (checkpoint every 3)."""
-    from textimg.data import ShapesDataset
-    from textimg.vqvae import VQVAE_CHECKPOINT_NAME, train_refiner
-
+    """6 steps straight == 3 steps, an interruption, a fresh model, resume to 6 (checkpoint every 3).
+    A text-conditioned Refiner, so the text dropout and code restarts draw from the saved generator too."""
     data = ShapesDataset(40, split="train")
+    cfg = VQTrainConfig(batch_size=8)
 
     def fresh():
         with torch.random.fork_rng(devices=[]):
@@ -344,8 +235,8 @@ def test_training_resumes_exactly_from_a_checkpoint(tmp_path, tiny_bert):
             return Refiner(RefinerConfig.preset("quick", text_dim=tiny_bert.dim))
 
     straight = fresh()
-    h1 = train_refiner(straight, data, steps=6, batch_size=8, encoder=tiny_bert, progress=False, log_every=1,
-                       checkpoint_dir=tmp_path / "a", checkpoint_every=3)
+    h1 = train_vqvae(straight, data, cfg, steps=6, text_encoder=tiny_bert, progress=False, log_every=1,
+                     checkpoint_dir=tmp_path / "a", checkpoint_every=3)
 
     class Interrupting(torch.utils.data.Dataset):  # Ctrl-C while the 4th batch is being read
         def __init__(self):
@@ -361,16 +252,16 @@ def test_training_resumes_exactly_from_a_checkpoint(tmp_path, tiny_bert):
             return data[i]
 
     with pytest.raises(KeyboardInterrupt):
-        train_refiner(fresh(), Interrupting(), steps=6, batch_size=8, encoder=tiny_bert, progress=False,
-                      log_every=1, checkpoint_dir=tmp_path / "b", checkpoint_every=3)
-    assert (tmp_path / "b" / VQVAE_CHECKPOINT_NAME).is_file()
+        train_vqvae(fresh(), Interrupting(), cfg, steps=6, text_encoder=tiny_bert, progress=False,
+                    log_every=1, checkpoint_dir=tmp_path / "b", checkpoint_every=3)
+    assert (tmp_path / "b" / "vqvae_training.pt").is_file()
     torch.manual_seed(999)  # the global RNG plays no part
     resumed = fresh()
-    h2 = train_refiner(resumed, data, steps=6, batch_size=8, encoder=tiny_bert, progress=False, log_every=1,
-                       checkpoint_dir=tmp_path / "b", checkpoint_every=3)
+    h2 = train_vqvae(resumed, data, cfg, steps=6, text_encoder=tiny_bert, progress=False, log_every=1,
+                     checkpoint_dir=tmp_path / "b", checkpoint_every=3)
     assert h2["step"] == h1["step"] == list(range(6)) and h2["recon"] == h1["recon"]
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
-    with pytest.raises(ValueError, match="another run"):
-        train_refiner(fresh(), data, steps=6, batch_size=4, encoder=tiny_bert, progress=False,
-                      checkpoint_dir=tmp_path / "b")
+    with pytest.raises(ValueError, match=r"this run differs in \['train_config\.batch_size'\]"):
+        train_vqvae(fresh(), data, VQTrainConfig(batch_size=4), steps=6, text_encoder=tiny_bert, progress=False,
+                    checkpoint_dir=tmp_path / "b")

@@ -141,11 +141,11 @@ def check_token_count(text: str, answer: int, tokenizer) -> bool:
                    "Count the WordPiece tokens from tokenizer.tokenize(text), then add the special tokens.")
 
 
-def check_nearest_caption(query: str, candidates: list[str], answer: int, encoder) -> bool:
+def check_nearest_caption(query: str, candidates: list[str], answer: int, text_encoder) -> bool:
     """Exercise: the index of the candidate caption whose pooled vector is most cosine-similar to ``query``'s."""
     if _unanswered(answer):
         return False
-    pooled = encoder.encode([query, *candidates]).pooled
+    pooled = text_encoder.encode([query, *candidates]).pooled
     sims = torch.nn.functional.cosine_similarity(pooled[:1], pooled[1:])
     expected = int(sims.argmax())
     return _report(answer == expected, f"Right: {candidates[expected]!r}.",

@@ -55,6 +55,7 @@ def execute_notebook(path: Path, preset: str, timeout: int = 1800):
     nb = nbformat.read(path, as_version=4)
     env_before = dict(os.environ)
     os.environ["TEXTIMG_PRESET"] = preset
+    os.environ["TEXTIMG_PLAIN_PROGRESS"] = "1"  # progress bars as text: a saved widget would stay frozen at 0 %
     # the kernel spec runs "python" from PATH: make sure it is this environment's
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     # figures must reach the notebook even if the caller's shell (or pytest) chose another backend
@@ -66,7 +67,35 @@ def execute_notebook(path: Path, preset: str, timeout: int = 1800):
     finally:
         os.environ.clear()
         os.environ.update(env_before)
+    tidy_outputs(nb, path.resolve().parent.parent)
     return nb
+
+
+def _tidy_text(text: str, prefix: str) -> str:
+    lines = (line.rsplit("\r", 1)[-1] for line in text.split("\n"))  # a progress bar's last frame per line
+    return "\n".join(lines).replace(prefix, "")
+
+
+def tidy_outputs(nb, root: Path) -> None:
+    """Makes an executed notebook fit to commit, in place: consecutive stream outputs are merged, a
+    progress bar's overwritten frames are dropped (each line keeps its last state), and paths under
+    ``root`` (the repository) are printed relative to it, never as the build machine's absolute paths."""
+    prefix = str(root) + os.sep
+    for cell in nb.cells:
+        merged = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream" \
+                    and merged[-1].get("name") == out.get("name"):
+                merged[-1]["text"] += out["text"]
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.get("output_type") == "stream":
+                out["text"] = _tidy_text(out["text"], prefix)
+            elif "text/plain" in out.get("data", {}):
+                out["data"]["text/plain"] = _tidy_text(out["data"]["text/plain"], prefix)
+        if "outputs" in cell:
+            cell["outputs"] = merged
 
 
 def save_figures(nb, folder: Path, stem: str) -> int:

@@ -31,12 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from textimg.config import PresetConfig
 from textimg.discriminator import apply_augment, augment_params, diff_augment, parse_policy
 from textimg.text import TextEncoding
 from textimg.training import BatchOrder, Engine, TrainingCheckpoint, fetch, frozen, make_accelerator, unwrap
+from textimg.utils import progress_bar
 
 # -----------------------------------------------------------------------------------------------
 # Losses, all from logits l; D(x) = sigmoid(l).
@@ -204,6 +204,8 @@ def d_step(discriminator, d_opt: torch.optim.Optimizer, x_real: Tensor, x_fake: 
         {"d_loss", "d_adv", "r1", "d_aux", "d_real": mean D(x), "d_fake": mean D(G(z)), "d_wrong"} floats.
     """
     cfg, engine = cfg or GANTrainConfig(augment=""), engine or Engine()
+    if text is None and (wrong_text is not None or labels is not None):
+        raise ValueError("wrong_text and labels need text: they only mean something to a caption-conditioned D")
     if cfg.augment:  # the same transformation for real and generated image i
         params = augment_params(x_real, cfg.augment, engine.rng)
         x_real, x_fake = apply_augment(x_real, params), apply_augment(x_fake, params)
@@ -300,7 +302,7 @@ def attribute_labels(meanings: list, num_classes: tuple, device: torch.device) -
     return torch.tensor([list(m.values()) for m in meanings], dtype=torch.long, device=device)
 
 
-def train_gan(generator, discriminator, encoder, dataset, cfg: GANTrainConfig | None = None, steps: int = 1000,
+def train_gan(generator, discriminator, text_encoder, dataset, cfg: GANTrainConfig | None = None, steps: int = 1000,
               checkpoint_dir: str | Path | None = None, checkpoint_every: int = 100, resume: bool = True,
               progress: bool = True, log_every: int = 10, device: str | torch.device | None = None,
               callback: Callable[[int, dict], None] | None = None) -> dict:
@@ -313,7 +315,7 @@ def train_gan(generator, discriminator, encoder, dataset, cfg: GANTrainConfig | 
 
     Args:
         generator, discriminator: the networks (trained in place).
-        encoder: a TextEncoder whose ``dim`` matches both networks' ``text_dim``.
+        text_encoder: a TextEncoder whose ``dim`` matches both networks' ``text_dim``.
         dataset: items {"image": (3, 32, 32) in [-1, 1], "caption": str[, "labels": dict]}, e.g.
             ``ShapesDataset(n, image_size=32)``.
         cfg: a GANTrainConfig (default ``GANTrainConfig()``).
@@ -322,8 +324,8 @@ def train_gan(generator, discriminator, encoder, dataset, cfg: GANTrainConfig | 
             and at the end; never for a step whose loss was not finite.
         resume: continue exactly from that checkpoint if there is one (models, optimisers, scaler,
             every random state, data order, step, history). Its configs must match. Exactness also
-            needs the encoder to return the same vectors for the same captions: fill its cache the
-            same way in both runs (e.g. ``encoder.encode_dataset(dataset.captions())`` first).
+            needs the text encoder to return the same vectors for the same captions: fill its cache the
+            same way in both runs (e.g. ``text_encoder.encode_dataset(dataset.captions())`` first).
         progress: show a progress bar. log_every: record the losses every this many steps (and the last).
         device: "cpu" or a GPU; None keeps the generator's device.
         callback: called as ``callback(step, stats)`` at each logged step (e.g. to draw a grid).
@@ -364,7 +366,7 @@ def train_gan(generator, discriminator, encoder, dataset, cfg: GANTrainConfig | 
         history, first, seconds = state["history"], state["step"], state["seconds"]
 
     start = time.perf_counter()
-    bar = tqdm(range(first, steps), desc="GAN", unit="step", initial=first, total=steps,
+    bar = progress_bar(range(first, steps), desc="GAN", unit="step", initial=first, total=steps,
                disable=not progress or not accelerator.is_main_process)
     for step in bar:
         engine.step = step
@@ -373,7 +375,7 @@ def train_gan(generator, discriminator, encoder, dataset, cfg: GANTrainConfig | 
             raise ValueError(f"train_gan needs 32x32 images, got {tuple(x_real.shape[1:])}: "
                              "use e.g. ShapesDataset(n, image_size=32)")
         x_real = x_real.to(device)  # (B, 3, 32, 32)
-        text = encoder.encode(captions).to(device)  # TextEncoding, B captions
+        text = text_encoder.encode(captions).to(device)  # TextEncoding, B captions
         wrong = text.pooled[mismatched_indices(meanings, engine.rng).to(device)] if cfg.mismatch else None
         labels = attribute_labels(meanings, discriminator.cfg.num_classes, device)  # (B, A) or None
         z = torch.randn(len(captions), generator.cfg.z_dim, generator=engine.rng).to(device)  # (B, z_dim)

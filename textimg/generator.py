@@ -43,12 +43,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from textimg.config import PresetConfig
 from textimg.text import TextEncoding
 from textimg.training import BatchOrder, make_accelerator, unwrap
-from textimg.utils import ModelMixin, evaluating
+from textimg.utils import ModelMixin, evaluating, progress_bar
 
 # -----------------------------------------------------------------------------------------------
 # Configuration
@@ -282,7 +281,7 @@ class Generator(ModelMixin, nn.Module):
 
 
 @torch.no_grad()
-def sample(generator: Generator, encoder, captions: list[str], seed: int = 0) -> Tensor:
+def sample(generator: Generator, text_encoder, captions: list[str], seed: int = 0) -> Tensor:
     """One image per caption, in eval mode, with z drawn from ``torch.Generator().manual_seed(seed)``.
 
     z is drawn on the CPU and the global RNG is not touched, so a seed gives the same images on
@@ -292,7 +291,7 @@ def sample(generator: Generator, encoder, captions: list[str], seed: int = 0) ->
     device = next(generator.parameters()).device
     z = torch.randn(len(captions), generator.cfg.z_dim, generator=torch.Generator().manual_seed(seed))
     with evaluating(generator):
-        return generator(z.to(device), encoder.encode(list(captions)).to(device))
+        return generator(z.to(device), text_encoder.encode(list(captions)).to(device))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -314,14 +313,14 @@ class RegressionConfig(PresetConfig):
     seed: int = 0  # seeds the batch order, z and the augmentation noise (the global RNG is not touched)
 
 
-def train_regression(generator: Generator, encoder, dataset, cfg: RegressionConfig | None = None, steps: int = 500,
-                     device: str | torch.device | None = None, progress: bool = True,
+def train_regression(generator: Generator, text_encoder, dataset, cfg: RegressionConfig | None = None,
+                     steps: int = 500, device: str | torch.device | None = None, progress: bool = True,
                      log_every: int = 10) -> dict[str, list]:
     """Trains the generator with :func:`regression_loss` (+ ``cfg.kl_weight`` * KL) on (caption, image) pairs.
 
     Args:
         generator: a Generator (trained in place).
-        encoder: a TextEncoder; its cache makes each distinct caption cost one encoding.
+        text_encoder: a TextEncoder; its cache makes each distinct caption cost one encoding.
         dataset: items {"image": (3, 32, 32) in [-1, 1], "caption": str}, e.g. ``ShapesDataset(n, image_size=32)``.
         cfg: a RegressionConfig (default ``RegressionConfig()``). steps: Adam steps.
         device: where to train; None keeps the generator's device.
@@ -338,11 +337,11 @@ def train_regression(generator: Generator, encoder, dataset, cfg: RegressionConf
     batches = BatchOrder(len(dataset), cfg.batch_size, rng=rng)
     history = {"step": [], "loss": [], "pixel": [], "kl": []}
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc="regression", unit="step", disable=not progress)
+    bar = progress_bar(range(steps), desc="regression", unit="step", disable=not progress)
     for step in bar:
         items = [dataset[int(i)] for i in batches.next()]  # B dicts
         x_real = torch.stack([it["image"] for it in items]).to(accelerator.device)  # (B, 3, 32, 32)
-        text = encoder.encode([it["caption"] for it in items]).to(accelerator.device)  # TextEncoding, B captions
+        text = text_encoder.encode([it["caption"] for it in items]).to(accelerator.device)  # TextEncoding, B captions
         z = torch.randn(len(items), generator.cfg.z_dim, generator=rng).to(accelerator.device)  # (B, z_dim)
 
         x_fake, kl, _ = G(z, text, rng=rng, return_aux=True)

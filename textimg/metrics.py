@@ -28,12 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from textimg.config import JUDGE_DIR, PresetConfig
 from textimg.data import ATTRIBUTES, ShapesDataset, parse_caption, render_shape
 from textimg.training import BatchOrder, make_accelerator, run_facts, unwrap
-from textimg.utils import ModelMixin, evaluating, manifest_for, seeded
+from textimg.utils import ModelMixin, evaluating, manifest_for, progress_bar, seeded
 from textimg.viz import to_unit
 
 # -----------------------------------------------------------------------------------------------
@@ -204,8 +203,7 @@ def real_images(num_samples: int, split: str = "train", seed: int = 0, holdout: 
     ds = ShapesDataset(num_samples, split=split, seed=seed, holdout=holdout, cache=False)
     indices = range(num_samples)
     if progress:
-        from tqdm.auto import tqdm
-        indices = tqdm(indices, desc=f"rendering {split}", unit="img", mininterval=1.0)
+        indices = progress_bar(indices, desc=f"rendering {split}", unit="img", mininterval=1.0)
     images = torch.stack([torch.from_numpy(render_shape(ds.spec(i))) for i in indices])  # (N, 3, 64, 64)
     return images, ds.labels_tensor()
 
@@ -252,7 +250,7 @@ def train_judge(cfg: JudgeConfig | None = None, device: str | torch.device | Non
     history = {"step": [], "loss": [], "val_all_64": [], "val_all_32": []}
     start = time.perf_counter()
     net.train()
-    bar = tqdm(range(cfg.steps), desc="training the judge", unit="step", disable=not progress)
+    bar = progress_bar(range(cfg.steps), desc="training the judge", unit="step", disable=not progress)
     for step in bar:
         idx = batches.next()
         x = _to_float(x_train[idx])  # (B, 3, 64, 64)

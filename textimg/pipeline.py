@@ -38,6 +38,7 @@ from textimg.utils import (
     evaluating,
     load_pipeline,
     manifest_for,
+    progress_bar,
     read_json,
     read_safetensors,
     save_json,
@@ -62,28 +63,26 @@ class TextToImagePipeline:
     Args:
         generator: a trained :class:`~textimg.generator.Generator` (noise + text -> 32x32).
         refiner: a trained :class:`~textimg.refiner.Refiner` (32x32 -> 64x64); None upsamples bicubically.
-        encoder: a :class:`~textimg.text.TextEncoder` whose ``dim`` is the generator's ``text_dim``;
-            None loads ``text_encoder`` (the one the generator was trained with).
-        text_encoder: the encoder's name, recorded by :meth:`save_pretrained` (default "minilm").
+        text_encoder: a :class:`~textimg.text.TextEncoder` whose ``dim`` is the generator's ``text_dim``,
+            or the name of one to load (the one the generator was trained with; default "minilm").
 
     The pipeline runs where its generator is (:meth:`to`), in eval mode and without gradients; it
     never trains its networks, so wrapping a generator that is still training leaves it as it was.
     """
 
-    def __init__(self, generator: Generator, refiner: Refiner | None = None, encoder: TextEncoder | None = None,
-                 text_encoder: str = "minilm"):
+    def __init__(self, generator: Generator, refiner: Refiner | None = None,
+                 text_encoder: TextEncoder | str = "minilm"):
         if not isinstance(generator, Generator):
             raise TypeError(f"generator must be a textimg Generator, got {type(generator).__name__}")
         if refiner is not None and not isinstance(refiner, Refiner):
             raise TypeError(f"refiner must be a textimg Refiner or None, got {type(refiner).__name__}")
-        self.encoder = encoder if encoder is not None else TextEncoder(text_encoder)
-        self.text_encoder = getattr(self.encoder, "name", text_encoder)
-        if self.encoder.dim != generator.cfg.text_dim:
-            raise ValueError(f"the text encoder {self.text_encoder!r} gives {self.encoder.dim}-d vectors but the "
-                             f"generator was built for text_dim={generator.cfg.text_dim}")
-        if refiner is not None and refiner.cfg.text_cond and refiner.cfg.text_dim != self.encoder.dim:
+        self.text_encoder = TextEncoder(text_encoder) if isinstance(text_encoder, str) else text_encoder
+        if self.text_encoder.dim != generator.cfg.text_dim:
+            raise ValueError(f"the text encoder {self.text_encoder.name!r} gives {self.text_encoder.dim}-d vectors "
+                             f"but the generator was built for text_dim={generator.cfg.text_dim}")
+        if refiner is not None and refiner.cfg.text_cond and refiner.cfg.text_dim != self.text_encoder.dim:
             raise ValueError(f"the refiner expects text_dim={refiner.cfg.text_dim}, "
-                             f"the encoder gives {self.encoder.dim}")
+                             f"the text encoder gives {self.text_encoder.dim}")
         self.generator, self.refiner = generator, refiner
         self.to(next(generator.parameters()).device)
 
@@ -94,11 +93,11 @@ class TextToImagePipeline:
         return next(self.generator.parameters()).device
 
     def to(self, device: str | torch.device) -> "TextToImagePipeline":
-        """Moves the generator, the refiner and the encoder to ``device``. Returns self."""
+        """Moves the generator, the refiner and the text encoder to ``device``. Returns self."""
         self.generator.to(device)
         if self.refiner is not None:
             self.refiner.to(device)
-        self.encoder.to(device)
+        self.text_encoder.to(device)
         return self
 
     # -- generating ------------------------------------------------------------------------------
@@ -133,7 +132,7 @@ class TextToImagePipeline:
         prompts = _check_prompts(prompts)
         if not isinstance(num_per_prompt, int) or num_per_prompt < 1:
             raise ValueError(f"num_per_prompt must be a positive int, got {num_per_prompt!r}")
-        text = self.encoder.encode(prompts)  # raises on a bad prompt, naming its position
+        text = self.text_encoder.encode(prompts)  # raises on a bad prompt, naming its position
         if num_per_prompt > 1:
             text = text[torch.arange(len(prompts)).repeat_interleave(num_per_prompt)]
         z = self.noise(len(prompts) * num_per_prompt, seed)
@@ -173,7 +172,7 @@ class TextToImagePipeline:
         length and mixed like the pooled vector; the mask is the union of both."""
         if not isinstance(steps, int) or steps < 2:
             raise ValueError(f"steps must be an int >= 2, got {steps!r}")
-        enc = self.encoder.encode([prompt_a, prompt_b])  # padded to the longer one: (2, T, D)
+        enc = self.text_encoder.encode([prompt_a, prompt_b])  # padded to the longer one: (2, T, D)
         w = torch.linspace(0, 1, steps).view(-1, 1)  # (steps, 1)
         tokens = (1 - w[..., None]) * enc.tokens[0] + w[..., None] * enc.tokens[1]  # (steps, T, D)
         mask = (enc.mask[0] | enc.mask[1]).expand(steps, -1)  # (steps, T)
@@ -188,14 +187,14 @@ class TextToImagePipeline:
         with its SHA-256) and ``directory/pipeline.json`` (the text encoder's name and ``facts``).
         Inside the committed ``checkpoints/`` the manifest is updated too. Returns the directory."""
         return save_pipeline(directory, type(self).__name__, {"generator": self.generator, "refiner": self.refiner},
-                             {"text_encoder": self.text_encoder, **(facts or {})}, manifest_for(directory))
+                             {"text_encoder": self.text_encoder.name, **(facts or {})}, manifest_for(directory))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path | None = None, encoder: TextEncoder | None = None,
+    def from_pretrained(cls, directory: str | Path | None = None, text_encoder: TextEncoder | None = None,
                         device: str | torch.device | None = None) -> "TextToImagePipeline":
         """Loads a pipeline saved by :meth:`save_pretrained`; None loads the committed ``checkpoints/pipeline``
         (checked against ``checkpoints/MANIFEST.json``). A folder saved by textimg 0.1 (one
-        model.safetensors with both networks) loads too. ``encoder`` shares an already loaded TextEncoder.
+        model.safetensors with both networks) loads too. ``text_encoder`` shares an already loaded TextEncoder.
 
         Raises:
             FileNotFoundError: the directory or one of its files is missing (named).
@@ -209,12 +208,13 @@ class TextToImagePipeline:
             config, parts = _load_v1(directory)
         else:
             config, parts = load_pipeline(directory, cls.__name__)
-        pipe = cls(parts["generator"], parts.get("refiner"), encoder, config.get("text_encoder", "minilm"))
+        pipe = cls(parts["generator"], parts.get("refiner"),
+                   text_encoder if text_encoder is not None else config.get("text_encoder", "minilm"))
         return pipe.to(device) if device is not None else pipe
 
     def __repr__(self) -> str:
         refiner = f"Refiner({self.refiner.num_parameters():,} parameters)" if self.refiner is not None else "bicubic"
-        return (f"TextToImagePipeline(text_encoder={self.text_encoder!r}, "
+        return (f"TextToImagePipeline(text_encoder={self.text_encoder.name!r}, "
                 f"generator=Generator({self.generator.num_parameters():,} parameters), refiner={refiner}, "
                 f"device={self.device})")
 
@@ -291,9 +291,7 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
     test = ShapesDataset(2 * num_samples, split="test", seed=seed, image_size=size, cache=False)
     captions = test.captions()[:num_samples]
     fake = real = None
-    from tqdm.auto import tqdm
-
-    for part in tqdm([p for p in PARTS if p in parts], desc="evaluating", unit="part", disable=not progress):
+    for part in progress_bar([p for p in PARTS if p in parts], desc="evaluating", unit="part", disable=not progress):
         if part in ("seen", "fid") and fake is None:
             fake = pipe.sample(captions, seed=seed, size=size)  # (N, 3, S, S) in [-1, 1]
             real = torch.stack([test[i]["image"] for i in range(2 * num_samples)])  # (2N, 3, S, S)
@@ -322,7 +320,7 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
                 for k in range(len(div_caps))) / len(div_caps)
         elif part == "refiner" and pipe.refiner is not None and size == 64:
             r = evaluate_refiner(pipe.refiner, num_samples, "test", seed=seed + 1,
-                                 encoder=pipe.encoder if pipe.refiner.cfg.text_cond else None)
+                                 text_encoder=pipe.text_encoder if pipe.refiner.cfg.text_cond else None)
             results["refiner"] = {k: v for k, v in r.items() if k not in ("images", "split")}
     return results
 
@@ -406,7 +404,8 @@ def train_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: PipelineTrainC
                    log=print) -> Path:
     """Trains the pipeline's stages in course order into ``out_dir``, in the committed checkpoints' layout:
 
-    1. ``text``: encodes the training captions once with the frozen encoder -> ``training/text_cache.safetensors``;
+    1. ``text``: encodes the training captions once with the frozen text encoder
+       -> ``training/text_cache.safetensors``;
     2. ``refiner``: the refiner on reconstruction (notebook 03) -> ``refiner/``;
     3. ``gan``: the generator against a matching-aware discriminator with an attribute head
        (notebook 04) -> ``pipeline/generator/``;
@@ -456,49 +455,53 @@ def train_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: PipelineTrainC
     def finished(stage: str) -> bool:
         return (done[stage] / CONFIG_NAME).is_file()
 
-    def facts(stage: str, steps: int, history: dict, **more) -> dict:
+    def facts(stage: str, model, steps: int, history: dict, **more) -> dict:
         keep = {k: v for k, v in history.items() if k != "seconds"}
-        return {"text_encoder": encoder.name, "training": run_facts(
+        return {"text_encoder": text_encoder.name, "parameters": model.num_parameters(), "training": run_facts(
             device, command=command, preset=preset, stage=stage, steps=steps, num_train=cfg.num_train,
             seed=cfg.seed, processes=processes.num_processes, seconds=history["seconds"], **more, history=keep)}
 
     started = time.perf_counter()
-    encoder = TextEncoder("minilm", device=device)
+    text_encoder = TextEncoder("minilm", device=device)
     data64 = ShapesDataset(cfg.num_train, split="train", seed=cfg.seed)
     data32 = ShapesDataset(cfg.num_train, split="train", seed=cfg.seed, image_size=32)
     cache = out / "training" / "text_cache.safetensors"
-    log(f"[1/5] text: encoding {cfg.num_train:,} training captions with {encoder.name}")
+    log(f"[1/5] text: encoding {cfg.num_train:,} training captions with {text_encoder.name}")
     if cache.is_file():
-        encoder.load_cache(cache)
+        text_encoder.load_cache(cache)
     else:
-        encoder.encode_dataset(data64.captions(), progress=progress and main)
+        text_encoder.encode_dataset(data64.captions(), progress=progress and main)
         if main:
-            encoder.save_cache(cache)
+            text_encoder.save_cache(cache)
 
+    processes.wait_for_everyone()  # every process sees the same finished stages
     log(f"[2/5] refiner: {cfg.refiner_steps} reconstruction steps" + (" (done, skipped)" * finished("refiner")))
     if not finished("refiner"):
         with seeded(cfg.seed):
-            refiner = Refiner(RefinerConfig.preset(preset, text_cond=True, text_dim=encoder.dim))
+            refiner = Refiner(RefinerConfig.preset(preset, text_cond=True, text_dim=text_encoder.dim))
         train_cfg = VQTrainConfig.preset(preset, seed=cfg.seed)
-        history = train_refiner(refiner, data64, train_cfg, cfg.refiner_steps, device=device, encoder=encoder,
-                                progress=progress, log_every=max(1, cfg.refiner_steps // 20),
-                                checkpoint_dir=out / "training", checkpoint_every=cfg.checkpoint_every)
+        history = train_refiner(refiner, data64, train_cfg, cfg.refiner_steps, device=device,
+                                text_encoder=text_encoder, progress=progress,
+                                log_every=max(1, cfg.refiner_steps // 20), checkpoint_dir=out / "training",
+                                checkpoint_every=cfg.checkpoint_every)
         if main:
-            refiner.cpu().save_pretrained(done["refiner"], facts("refiner", cfg.refiner_steps, history,
+            refiner.cpu().save_pretrained(done["refiner"], facts("refiner", refiner, cfg.refiner_steps, history,
                                                                  config=train_cfg.to_dict()), manifest)
 
+    processes.wait_for_everyone()
     log(f"[3/5] gan: {cfg.gan_steps} adversarial steps" + (" (done, skipped)" * finished("gan")))
     if not finished("gan"):
         with seeded(cfg.seed):
-            generator = Generator(GeneratorConfig.preset(preset, text_dim=encoder.dim))
-            discriminator = Discriminator(DiscriminatorConfig.preset(preset, text_dim=encoder.dim,
+            generator = Generator(GeneratorConfig.preset(preset, text_dim=text_encoder.dim))
+            discriminator = Discriminator(DiscriminatorConfig.preset(preset, text_dim=text_encoder.dim,
                                                                      num_classes=NUM_CLASSES))
         gan_cfg = GANTrainConfig.preset(preset, seed=cfg.seed)
-        history = train_gan(generator, discriminator, encoder, data32, gan_cfg, steps=cfg.gan_steps,
+        history = train_gan(generator, discriminator, text_encoder, data32, gan_cfg, steps=cfg.gan_steps,
                             checkpoint_dir=out / "training", checkpoint_every=cfg.checkpoint_every, resume=True,
                             progress=progress, log_every=max(1, min(100, cfg.gan_steps // 10)), device=device)
         if main:
-            generator.cpu().save_pretrained(done["gan"], facts("gan", cfg.gan_steps, history, config=gan_cfg.to_dict(),
+            generator.cpu().save_pretrained(done["gan"], facts("gan", generator, cfg.gan_steps, history,
+                                                               config=gan_cfg.to_dict(),
                                                                discriminator=discriminator.cfg.to_dict()), manifest)
 
     processes.wait_for_everyone()
@@ -509,11 +512,11 @@ def train_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: PipelineTrainC
         with seeded(cfg.seed):
             patch_d = PatchDiscriminator(PatchDiscriminatorConfig.preset(preset))
         r_cfg = RefinerGANConfig.preset(preset, seed=cfg.seed)
-        history = finetune_refiner(refiner, patch_d, data64, encoder, r_cfg, cfg.refiner_gan_steps, device=device,
+        history = finetune_refiner(refiner, patch_d, data64, text_encoder, r_cfg, cfg.refiner_gan_steps, device=device,
                                    progress=progress, log_every=max(1, cfg.refiner_gan_steps // 10))
         if main:
             refiner.cpu().save_pretrained(done["refiner_gan"], facts(
-                "refiner_gan", cfg.refiner_gan_steps, history, config=r_cfg.to_dict(),
+                "refiner_gan", refiner, cfg.refiner_gan_steps, history, config=r_cfg.to_dict(),
                 discriminator=patch_d.cfg.to_dict()), manifest)
 
     processes.wait_for_everyone()
@@ -521,7 +524,7 @@ def train_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: PipelineTrainC
     path = out / "pipeline"
     if main:
         generator, refiner = Generator.from_pretrained(done["gan"]), Refiner.from_pretrained(done["refiner_gan"])
-        pipe = TextToImagePipeline(generator, refiner, encoder.to("cpu"))
+        pipe = TextToImagePipeline(generator, refiner, text_encoder.to("cpu"))
         pipe.save_pretrained(path, {"training": run_facts(
             device, command=command, preset=preset, config=cfg.to_dict(),
             seconds_this_run=time.perf_counter() - started), **measure(pipe, cfg.eval_samples, progress)})

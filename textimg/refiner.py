@@ -27,7 +27,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from textimg.config import PresetConfig
 from textimg.discriminator import diff_augment, parse_policy
@@ -35,7 +34,7 @@ from textimg.gan import D_LOSSES, G_LOSSES, GANTrainConfig, d_step
 from textimg.metrics import codebook_perplexity, codebook_usage, psnr, ssim
 from textimg.text import TextEncoding
 from textimg.training import BatchOrder, Engine, fetch, frozen, make_accelerator, unwrap
-from textimg.utils import evaluating
+from textimg.utils import evaluating, progress_bar
 from textimg.vqvae import VQVAE, VQOutput, VQTrainConfig, VQVAEConfig, train_vqvae
 
 # -----------------------------------------------------------------------------------------------
@@ -109,7 +108,7 @@ class Refiner(VQVAE):
         c = self.text_code(text, x_low.shape[0], x_low.device)  # (B, cond_dim) or None
         return (x_up + self.decode(vq.z_q, c)).clamp(-1, 1), vq  # (B, 3, S, S)
 
-    def training_inputs(self, x_real: Tensor, captions: list[str] | None, encoder=None,
+    def training_inputs(self, x_real: Tensor, captions: list[str] | None, text_encoder=None,
                         rng: torch.Generator | None = None,
                         text_dropout: float = 0.0) -> tuple[Tensor, TextEncoding | None]:
         """The refiner's inputs for real images (B, 3, 64, 64): the images area-downsampled (B, 3, 32, 32), as
@@ -118,7 +117,7 @@ class Refiner(VQVAE):
         x_low = F.avg_pool2d(x_real, self.cfg.image_size // self.cfg.low_size)  # (B, 3, 32, 32)
         if not self.cfg.text_cond:
             return x_low, None
-        text = encoder.encode(captions).to(x_real.device)
+        text = text_encoder.encode(captions).to(x_real.device)
         keep = (torch.rand(len(captions), generator=rng) >= text_dropout).float().to(x_real.device)  # (B,)
         return x_low, TextEncoding(text.tokens, text.mask, text.pooled * keep[:, None])
 
@@ -158,19 +157,19 @@ def bicubic(x_low: Tensor, size: int = 64) -> Tensor:
 
 
 def evaluate_refiner(refiner: Refiner, num_samples: int = 2000, split: str = "test", seed: int = 0,
-                     encoder=None, batch_size: int = 256) -> dict[str, float]:
+                     text_encoder=None, batch_size: int = 256) -> dict[str, float]:
     """PSNR and SSIM of the refiner and of bicubic upsampling against the real 64x64 images, and the
     codebook's usage and perplexity over all the refiner's codes, on ``num_samples`` images of a split.
 
     The 32x32 inputs are ShapesDataset's own (the 64x64 render area-averaged). A text-conditioned
-    refiner reads the captions through ``encoder`` (None: the null caption).
+    refiner reads the captions through ``text_encoder`` (None: the null caption).
     """
     from textimg.data import ShapesDataset
 
     high = ShapesDataset(num_samples, split=split, seed=seed, cache=False)
     x_real = torch.stack([high[i]["image"] for i in range(num_samples)])  # (N, 3, 64, 64)
     x_low = F.avg_pool2d(x_real, refiner.cfg.image_size // refiner.cfg.low_size)  # (N, 3, 32, 32)
-    text = encoder.encode(high.captions()) if encoder is not None and refiner.cfg.text_cond else None
+    text = text_encoder.encode(high.captions()) if text_encoder is not None and refiner.cfg.text_cond else None
     x_rec, indices = refine(refiner, x_low, text, batch_size, return_indices=True)
     x_bic = bicubic(x_low, refiner.cfg.image_size)
     K = refiner.cfg.num_codes
@@ -248,7 +247,7 @@ def refiner_step(refiner: Refiner, patch_discriminator: nn.Module, r_opt: torch.
             "d_fake_r": torch.sigmoid(fake_logits.detach().float()).mean().item()}
 
 
-def finetune_refiner(refiner: Refiner, patch_discriminator: nn.Module, dataset, encoder=None,
+def finetune_refiner(refiner: Refiner, patch_discriminator: nn.Module, dataset, text_encoder=None,
                      cfg: RefinerGANConfig | None = None, steps: int = 200, device: str | torch.device | None = None,
                      progress: bool = True, log_every: int = 10) -> dict:
     """Fine-tunes a trained refiner against a PatchGAN, VQGAN-style: per step :func:`textimg.gan.d_step` on
@@ -260,7 +259,7 @@ def finetune_refiner(refiner: Refiner, patch_discriminator: nn.Module, dataset, 
     Args:
         refiner: a Refiner (trained in place). patch_discriminator: e.g. ``PatchDiscriminator(...)``.
         dataset: items {"image": (3, 64, 64) in [-1, 1], "caption": str}, e.g. ``ShapesDataset(n)``.
-        encoder: a TextEncoder, needed by a text-conditioned refiner.
+        text_encoder: a TextEncoder, needed by a text-conditioned refiner.
         cfg: a RefinerGANConfig (default ``RefinerGANConfig()``). steps: steps.
         device: where to train; None keeps the refiner's device.
         progress: show a progress bar. log_every: record every this many steps (and the last).
@@ -270,8 +269,8 @@ def finetune_refiner(refiner: Refiner, patch_discriminator: nn.Module, dataset, 
         lists; "seconds": float}.
     """
     cfg = cfg or RefinerGANConfig()
-    if refiner.cfg.text_cond and encoder is None:
-        raise ValueError("this Refiner is text-conditioned (cfg.text_cond): pass encoder=TextEncoder(...)")
+    if refiner.cfg.text_cond and text_encoder is None:
+        raise ValueError("this Refiner is text-conditioned (cfg.text_cond): pass text_encoder=TextEncoder(...)")
     accelerator = make_accelerator(device or next(refiner.parameters()).device, cfg.amp)
     betas = (cfg.beta1, cfg.beta2)
     r_opt = torch.optim.Adam(refiner.parameters(), lr=cfg.lr, betas=betas)
@@ -285,12 +284,13 @@ def finetune_refiner(refiner: Refiner, patch_discriminator: nn.Module, dataset, 
     keys = ("recon", "vq_loss", "r_adv", "adv_weight", "perplexity", "d_loss", "d_real", "d_fake")
     history: dict = {"step": [], **{k: [] for k in keys}}
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc="refiner GAN", unit="step", disable=not progress or not accelerator.is_main_process)
+    bar = progress_bar(range(steps), desc="refiner GAN", unit="step",
+                       disable=not progress or not accelerator.is_main_process)
     for step in bar:
         engine.step = step
         x_real, captions, _ = fetch(dataset, batches.next())
         x_real = x_real.to(accelerator.device)  # (B, 3, 64, 64)
-        x_low, text = refiner.training_inputs(x_real, captions, encoder, engine.rng, cfg.text_dropout)
+        x_low, text = refiner.training_inputs(x_real, captions, text_encoder, engine.rng, cfg.text_dropout)
         x_fake = refine(refiner, x_low, text)  # (B, 3, 64, 64), eval mode, no graph
         stats = {**d_step(D, d_opt, x_real, x_fake, cfg=d_cfg, engine=engine),
                  **refiner_step(R, D, r_opt, x_low, x_real, text, cfg, engine)}

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from textimg.utils import atomic_write
+from textimg.utils import atomic_write, progress_bar, seeded
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 CACHE_FORMAT = "textimg.text_cache/1"
@@ -160,8 +160,7 @@ def _load(name: str, pretrained: bool, seed: int):
             if pretrained:
                 model = model_cls.from_pretrained(source)
             else:  # same architecture, fresh weights from a fixed seed; the global RNG is untouched
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
+                with seeded(seed):
                     model = T5EncoderModel(config) if model_cls is T5EncoderModel else AutoModel.from_config(config)
     except (OSError, ValueError) as err:
         raise _not_found(name, err) from err
@@ -269,8 +268,7 @@ class TextEncoder:
         todo = sorted({t for t in texts if t not in self._cache}, key=lambda t: (len(t), t))
         chunks = range(0, len(todo), batch_size)
         if progress:
-            from tqdm.auto import tqdm
-            chunks = tqdm(chunks, desc=f"encoding captions ({self.name})", unit="batch")
+            chunks = progress_bar(chunks, desc=f"encoding captions ({self.name})", unit="batch")
         for start in chunks:
             chunk = todo[start:start + batch_size]
             enc = self._run(chunk, stacklevel=4).to("cpu")  # the warning names the user's line

@@ -52,6 +52,19 @@ def evaluating(*modules: torch.nn.Module) -> Iterator[None]:
             m.train(flag)
 
 
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm progress bar: a widget in a live notebook, plain text in a terminal, and plain text
+    (at most one update every 30 s) when $TEXTIMG_PLAIN_PROGRESS is set, as ``textimg-course`` sets
+    it: a committed notebook must not keep a widget frozen at its first frame."""
+    if os.environ.get("TEXTIMG_PLAIN_PROGRESS"):
+        from tqdm.std import tqdm
+
+        kwargs.setdefault("mininterval", 30.0)
+    else:
+        from tqdm.auto import tqdm
+    return tqdm(iterable, **kwargs)
+
+
 def count_parameters(module: torch.nn.Module) -> int:
     """Number of parameters (trainable or not) of a module."""
     return sum(p.numel() for p in module.parameters())
@@ -246,7 +259,8 @@ class ModelMixin:
     def save_pretrained(self, directory: str | Path, facts: dict | None = None,
                         manifest: str | Path | None = None) -> Path:
         """Writes the folder (each file atomically); with ``manifest`` also records both files' SHA-256
-        there. ``facts`` (how it was made, what it scored) go into config.json. Returns the folder."""
+        there. ``facts`` (how it was made, what it scored) go into config.json; without them, a network
+        saved unchanged since :meth:`from_pretrained` keeps the facts it was loaded with. Returns the folder."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -254,8 +268,12 @@ class ModelMixin:
         state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
         weights = atomic_write(directory / WEIGHTS_NAME,
                                lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+        digest = sha256_file(weights)
+        loaded = getattr(self, "_loaded_facts", None)  # (weights' SHA-256, facts) from from_pretrained
+        if facts is None and loaded is not None and loaded[0] == digest:
+            facts = loaded[1]
         save_json({"class": type(self).__name__, "config": self.cfg.to_dict(), **(facts or {}),
-                   "weights_sha256": sha256_file(weights)}, directory / CONFIG_NAME)
+                   "weights_sha256": digest}, directory / CONFIG_NAME)
         if manifest is not None:
             update_manifest(manifest, [directory / WEIGHTS_NAME, directory / CONFIG_NAME])
         return directory
@@ -295,6 +313,8 @@ class ModelMixin:
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{weights} and {config_path} do not describe the same {target.__name__} "
                              f"({type(err).__name__}: {str(err)[:300]})") from err
+        facts = {k: v for k, v in config.items() if k not in ("class", "config", "weights_sha256")}
+        model._loaded_facts = (sha256_file(weights), facts)  # kept by save_pretrained while the weights are unchanged
         return model.eval()
 
 

@@ -37,11 +37,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from textimg.config import PresetConfig
 from textimg.training import BatchOrder, TrainingCheckpoint, fetch, make_accelerator, unwrap
-from textimg.utils import ModelMixin
+from textimg.utils import ModelMixin, progress_bar
 
 # -----------------------------------------------------------------------------------------------
 # The vector quantiser
@@ -319,7 +318,7 @@ class VQVAE(ModelMixin, nn.Module):
         vq = self.quantize(self.encode(x), rng)
         return self.decode(vq.z_q), vq  # (B, 3, S, S), unbounded
 
-    def training_inputs(self, x_real: Tensor, captions: list[str] | None, encoder=None,
+    def training_inputs(self, x_real: Tensor, captions: list[str] | None, text_encoder=None,
                         rng: torch.Generator | None = None, text_dropout: float = 0.0) -> tuple:
         """What :func:`train_vqvae` feeds the model for real images (B, 3, S, S): the images themselves."""
         return (x_real,)
@@ -345,8 +344,8 @@ class VQTrainConfig(PresetConfig):
 
 
 def train_vqvae(model: VQVAE, data, cfg: VQTrainConfig | None = None, steps: int = 1000,
-                device: str | torch.device | None = None, encoder=None, progress: bool = True, log_every: int = 10,
-                checkpoint_dir: str | Path | None = None, checkpoint_every: int = 200) -> dict:
+                device: str | torch.device | None = None, text_encoder=None, progress: bool = True,
+                log_every: int = 10, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 200) -> dict:
     """Trains a VQVAE (input = target = x_real), or a Refiner (input = x_real area-downsampled, see
     :meth:`~textimg.refiner.Refiner.training_inputs`), on reconstruction + VQ loss with Adam.
 
@@ -356,7 +355,7 @@ def train_vqvae(model: VQVAE, data, cfg: VQTrainConfig | None = None, steps: int
             ``ShapesDataset(n)`` (64x64), or a tensor (N, 3, S, S) of images (no captions).
         cfg: a VQTrainConfig (default ``VQTrainConfig()``). steps: Adam steps.
         device: where to train; None keeps the model's device.
-        encoder: a TextEncoder, needed by a text-conditioned Refiner (captions are encoded once, cached).
+        text_encoder: a TextEncoder, needed by a text-conditioned Refiner (captions are encoded once, cached).
         progress: show a progress bar. log_every: record the losses every this many steps (and the last).
         checkpoint_dir: where ``vqvae_training.pt`` goes (None: none), every ``checkpoint_every``
             steps and at the end; training resumes from it exactly if it exists (same config and steps).
@@ -366,8 +365,8 @@ def train_vqvae(model: VQVAE, data, cfg: VQTrainConfig | None = None, steps: int
         lists, one entry per logged step (perplexity and usage of that step's batch), "seconds": float}.
     """
     cfg = cfg or VQTrainConfig()
-    if getattr(model.cfg, "text_cond", False) and encoder is None:
-        raise ValueError("this Refiner is text-conditioned (cfg.text_cond): pass encoder=TextEncoder(...)")
+    if getattr(model.cfg, "text_cond", False) and text_encoder is None:
+        raise ValueError("this Refiner is text-conditioned (cfg.text_cond): pass text_encoder=TextEncoder(...)")
     accelerator = make_accelerator(device or next(model.parameters()).device, amp=False)
     rng = torch.Generator().manual_seed(cfg.seed)  # CPU: the same run on every device
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # an EMA codebook is a buffer, not in here
@@ -386,7 +385,7 @@ def train_vqvae(model: VQVAE, data, cfg: VQTrainConfig | None = None, steps: int
     batches = BatchOrder(len(data), cfg.batch_size, rng=rng, rank=accelerator.process_index,
                          world=accelerator.num_processes)
     checkpoint = TrainingCheckpoint(checkpoint_dir, "vqvae_training", {
-        "model": type(model).__name__, "config": model.cfg.to_dict(), "train_config": cfg.to_dict(),
+        "model_class": type(model).__name__, "config": model.cfg.to_dict(), "train_config": cfg.to_dict(),
         "steps": steps, "num_items": len(data)}, accelerator)
     first, seconds = 0, 0.0
     state = checkpoint.load(rng)
@@ -399,12 +398,12 @@ def train_vqvae(model: VQVAE, data, cfg: VQTrainConfig | None = None, steps: int
 
     start = time.perf_counter()
     net.train()
-    bar = tqdm(range(first, steps), desc=type(model).__name__, unit="step", initial=first, total=steps,
+    bar = progress_bar(range(first, steps), desc=type(model).__name__, unit="step", initial=first, total=steps,
                disable=not progress or not accelerator.is_main_process)
     for step in bar:
         x_real, captions, _ = fetch(data, batches.next())  # (B, 3, S, S)
         x_real = x_real.to(accelerator.device)
-        x_rec, vq = net(*model.training_inputs(x_real, captions, encoder, rng, cfg.text_dropout), rng=rng)
+        x_rec, vq = net(*model.training_inputs(x_real, captions, text_encoder, rng, cfg.text_dropout), rng=rng)
         recon = pixel_loss(x_rec, x_real)
         loss = recon + vq.loss
         opt.zero_grad(set_to_none=True)
