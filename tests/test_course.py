@@ -119,6 +119,8 @@ def test_tidy_outputs_keeps_the_last_progress_frame_and_drops_absolute_paths(tmp
                     nbformat.v4.new_output("execute_result", data={"text/plain": f"PosixPath('{root}/a')"},
                                            execution_count=1)]
     nb.cells.append(cell)
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
     tidy_outputs(nb, root)
+    assert "widgets" not in nb.metadata
     texts = [o.get("text") or o["data"]["text/plain"] for o in cell.outputs]
     assert texts == ["GAN: 100%|##| 8/8\n", "saved to runs/models/x\n", "PosixPath('a')"]

@@ -17,7 +17,8 @@ from textimg.discriminator import (
     diff_augment,
     parse_policy,
 )
-from textimg.text import TextEncoding
+
+from helpers import images, random_text
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,14 +36,6 @@ def tiny_d(seed: int = 0, **overrides) -> Discriminator:
     return Discriminator(DiscriminatorConfig.preset("quick", text_dim=32, **overrides))  # tiny-bert's 32-d vectors
 
 
-def random_text(batch: int, seed: int = 0) -> TextEncoding:
-    g = torch.Generator().manual_seed(seed)
-    return TextEncoding(torch.randn(batch, 5, 32, generator=g), torch.ones(batch, 5, dtype=torch.bool),
-                        torch.randn(batch, 32, generator=g))
-
-
-def images(batch: int, size: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 # --- configs --------------------------------------------------------------------------------------

@@ -34,9 +34,10 @@ from textimg.gan import (
     train_gan,
 )
 from textimg.generator import Generator, GeneratorConfig
-from textimg.text import TextEncoding
 from textimg.training import BatchOrder, Engine, NonFiniteLossError, make_accelerator
 from textimg.utils import load_checkpoint
+
+from helpers import images, random_text, same, snapshot
 
 LOG2 = math.log(2.0)
 CHECKPOINT = "gan_training.pt"  # train_gan's file in its checkpoint folder
@@ -67,26 +68,12 @@ def tiny_d(seed: int = 0, **overrides) -> Discriminator:
     return Discriminator(DiscriminatorConfig.preset("quick", text_dim=32, **overrides))
 
 
-def random_text(batch: int, seed: int = 0) -> TextEncoding:
-    g = torch.Generator().manual_seed(seed)
-    return TextEncoding(torch.randn(batch, 5, 32, generator=g), torch.ones(batch, 5, dtype=torch.bool),
-                        torch.randn(batch, 32, generator=g))
 
-
-def images(batch: int, size: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
-def snapshot(module: torch.nn.Module) -> dict:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def parameters(module: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.named_parameters()}
 
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def seeded_engine(seed: int, accelerator=None) -> Engine:

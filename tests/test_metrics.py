@@ -30,9 +30,7 @@ from textimg.metrics import (
 from textimg.training import describe_machine
 from textimg.utils import ChecksumError, read_config, sha256_file
 
-
-def images(batch: int, size: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+from helpers import images
 
 
 class FakeJudge(torch.nn.Module):

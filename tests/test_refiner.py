@@ -33,11 +33,7 @@ from textimg.training import Engine
 from textimg.utils import ChecksumError, read_config, sha256_file
 from textimg.vqvae import VQVAE, ResBlock, VQTrainConfig, VQVAEConfig
 
-
-def random_text(batch: int, dim: int = 32, seed: int = 0) -> TextEncoding:
-    g = torch.Generator().manual_seed(seed)
-    return TextEncoding(torch.randn(batch, 5, dim, generator=g), torch.ones(batch, 5, dtype=torch.bool),
-                        torch.randn(batch, dim, generator=g))
+from helpers import random_text, same, snapshot
 
 
 def tiny_refiner(seed: int = 0, **overrides) -> Refiner:
@@ -51,12 +47,6 @@ def real_images(n: int, split: str = "train", seed: int = 0) -> torch.Tensor:
     return torch.stack([ds[i]["image"] for i in range(n)])  # (n, 3, 64, 64)
 
 
-def snapshot(module: torch.nn.Module) -> dict:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def without_seconds(history: dict) -> dict:

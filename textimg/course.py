@@ -78,9 +78,11 @@ def _tidy_text(text: str, prefix: str) -> str:
 
 def tidy_outputs(nb, root: Path) -> None:
     """Makes an executed notebook fit to commit, in place: consecutive stream outputs are merged, a
-    progress bar's overwritten frames are dropped (each line keeps its last state), and paths under
-    ``root`` (the repository) are printed relative to it, never as the build machine's absolute paths."""
+    progress bar's overwritten frames are dropped (each line keeps its last state), saved widget state
+    is dropped, and paths under ``root`` (the repository) are printed relative to it, never as the
+    build machine's absolute paths."""
     prefix = str(root) + os.sep
+    nb.metadata.pop("widgets", None)  # saved widget state: stale once the bars are plain text
     for cell in nb.cells:
         merged = []
         for out in cell.get("outputs", []):

@@ -437,6 +437,7 @@ def train_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: PipelineTrainC
     command = command or f"textimg train --preset {preset}"
     out = Path(out_dir)
     processes = PartialState(cpu=on_cpu(device))  # this process's rank, before any training loop starts
+    device = processes.device  # under accelerate launch: this process's own GPU
     main = processes.is_main_process
     record = {"format": "textimg.train/1", "preset": preset, "config": cfg.to_dict()}
     record_path = out / "train_config.json"
