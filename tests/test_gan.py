@@ -418,6 +418,9 @@ class Float16Accelerator:
         make_accelerator("cpu", amp=False)  # Accelerate's process state, which AcceleratedOptimizer reads
         self.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
 
+    def unwrap_model(self, model):  # one process: nothing wraps the models
+        return model
+
     def autocast(self):
         return torch.autocast("cpu", dtype=torch.float16)
 

@@ -34,7 +34,7 @@ from textimg.text import TextEncoder, TextEncoding
 from textimg.utils import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    ChecksumError,
+    check_weights_hash,
     evaluating,
     load_pipeline,
     manifest_for,
@@ -43,7 +43,6 @@ from textimg.utils import (
     read_safetensors,
     save_json,
     save_pipeline,
-    sha256_file,
 )
 from textimg.viz import to_unit
 
@@ -228,9 +227,7 @@ def _load_v1(directory: Path) -> tuple[dict, dict]:
         raise ValueError(f"{config_path} is not a textimg pipeline config (no pipeline.json beside it either)")
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint file {weights} is missing")
-    if config.get("weights_sha256") and sha256_file(weights) != config["weights_sha256"]:
-        raise ChecksumError(f"{weights} does not match the SHA-256 recorded in {config_path}: "
-                            "the file was changed or is corrupted")
+    check_weights_hash(weights, config, config_path)
     state = read_safetensors(weights)
     try:
         parts = {"generator": Generator(GeneratorConfig.from_dict(config["generator"])),

@@ -89,7 +89,7 @@ class Engine:
 
     def plain(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module itself, unwrapped from DDP: to run it without synchronising its gradients."""
-        return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        return self.accelerator.unwrap_model(model) if self.accelerator is not None else model
 
     def update(self, loss: Tensor, opt: torch.optim.Optimizer, name: str, guard: Tensor | None = None) -> None:
         """Checks that ``guard`` (default: the loss) is finite, then backward and one optimizer step."""

@@ -304,9 +304,7 @@ class ModelMixin:
         target = MODEL_CLASSES.get(config["class"]) if cls is ModelMixin else cls
         if target is None or target.__name__ != config["class"]:
             raise ValueError(f"{config_path} holds a {config['class']}, not a {cls.__name__}")
-        if config.get("weights_sha256") and sha256_file(weights) != config["weights_sha256"]:
-            raise ChecksumError(f"{weights} does not match the SHA-256 recorded in {config_path}: "
-                                "the file was changed or is corrupted")
+        digest = check_weights_hash(weights, config, config_path)
         try:
             model = target(target.config_class.from_dict(config["config"]))
             model.load_state_dict(read_safetensors(weights))
@@ -314,8 +312,18 @@ class ModelMixin:
             raise ValueError(f"{weights} and {config_path} do not describe the same {target.__name__} "
                              f"({type(err).__name__}: {str(err)[:300]})") from err
         facts = {k: v for k, v in config.items() if k not in ("class", "config", "weights_sha256")}
-        model._loaded_facts = (sha256_file(weights), facts)  # kept by save_pretrained while the weights are unchanged
+        model._loaded_facts = (digest, facts)  # kept by save_pretrained while the weights are unchanged
         return model.eval()
+
+
+def check_weights_hash(weights: Path, config: dict, config_path: Path) -> str:
+    """The weights file's SHA-256, checked against the one ``config`` records (if any); raises
+    ChecksumError naming both files when they differ."""
+    digest = sha256_file(weights)
+    if config.get("weights_sha256") and digest != config["weights_sha256"]:
+        raise ChecksumError(f"{weights} does not match the SHA-256 recorded in {config_path}: "
+                            "the file was changed or is corrupted")
+    return digest
 
 
 def _upgrade(config, cls: type) -> dict:
