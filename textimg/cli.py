@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-samples", type=_positive_int, default=2000, help="images per set (default 2000)")
     ev.add_argument("--seed", type=_seed, default=0)
     ev.add_argument("--json", type=Path, default=None, help="also write the metrics here (default: print only)")
+    ev.add_argument("--record", action="store_true",
+                    help="re-measure the pipeline as training does (textimg.pipeline.measure) and write the results "
+                         "into its pipeline.json: the record every quoted number about it comes from")
     ev.add_argument("--inception-fid", action="store_true",
                     help="also standard Inception FID (needs torch-fidelity and a network once)")
     ev.add_argument("--device", default=None)
@@ -154,6 +157,8 @@ def cmd_evaluate(args) -> int:
     from textimg.pipeline import evaluate_pipeline, metrics_table
 
     pipe = _load(args.model, _device(args.device))
+    if args.record:
+        return record_measurements(pipe, args)
     results = evaluate_pipeline(pipe, num_samples=args.num_samples, seed=args.seed, progress=not args.no_progress,
                                 inception=args.inception_fid)
     results["model"] = str(args.model) if args.model else "checkpoints (committed)"
@@ -162,6 +167,30 @@ def cmd_evaluate(args) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         print(f"metrics written to {args.json}")
+    return 0
+
+
+def record_measurements(pipe, args) -> int:
+    """``textimg evaluate --record``: :func:`textimg.pipeline.measure` written into the pipeline's own
+    pipeline.json (and the manifest, inside checkpoints/), with the machine that measured it."""
+    import time
+
+    from textimg.config import PIPELINE_DIR
+    from textimg.pipeline import measure, metrics_table
+    from textimg.training import run_facts
+    from textimg.utils import read_json
+
+    directory = args.model or PIPELINE_DIR
+    facts = read_json(directory / "pipeline.json")
+    for key in ("format", "class", "components", "text_encoder"):
+        facts.pop(key, None)
+    start = time.perf_counter()
+    facts.update(measure(pipe, args.num_samples, progress=not args.no_progress))
+    facts["evaluated"] = run_facts(pipe.device, command=f"textimg evaluate --record --num-samples {args.num_samples}",
+                                   seconds=round(time.perf_counter() - start, 1))
+    pipe.save_pretrained(directory, facts)
+    print(metrics_table(facts["test"]))
+    print(f"recorded in {directory / 'pipeline.json'}")
     return 0
 
 

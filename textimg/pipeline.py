@@ -359,13 +359,17 @@ def metrics_table(results: dict) -> str:
 
 
 def measure(pipe: TextToImagePipeline, num_samples: int = 2000, progress: bool = False) -> dict:
-    """What a saved pipeline records about itself: :func:`evaluate_pipeline` at 64x64 ("test") and on
-    the generator's own 32x32 images ("test_32", seen captions and diversity), seed 0, rounded."""
+    """What a saved pipeline records about itself: :func:`evaluate_pipeline` at 64x64 ("test"), on the
+    generator's own 32x32 images ("test_32", seen captions and diversity), and at 64x64 with bicubic
+    upsampling in place of the refiner ("test_bicubic": what the refiner adds); seed 0, rounded."""
     from textimg.training import rounded
 
+    bicubic_pipe = TextToImagePipeline(pipe.generator, None, pipe.text_encoder)
     return {"test": rounded(evaluate_pipeline(pipe, num_samples=num_samples, seed=0, progress=progress)),
             "test_32": rounded(evaluate_pipeline(pipe, num_samples=num_samples, seed=0, size=32,
-                                                 parts=("seen", "diversity")))}
+                                                 parts=("seen", "diversity"))),
+            "test_bicubic": rounded(evaluate_pipeline(bicubic_pipe, num_samples=num_samples, seed=0,
+                                                      parts=("seen", "heldout", "fid")))}
 
 
 # -----------------------------------------------------------------------------------------------

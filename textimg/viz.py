@@ -41,7 +41,7 @@ def show_images(images: torch.Tensor, captions: Sequence[str] | None = None, nro
         raise ValueError(f"{n} images but {len(captions)} captions")
     if captions is None:
         fig, ax = plt.subplots(figsize=(scale * min(n, nrow), scale * ((n + nrow - 1) // nrow)))
-        ax.imshow(image_grid(images, nrow=nrow, value_range=value_range))
+        ax.imshow(image_grid(images, nrow=nrow, value_range=value_range), interpolation="nearest")
         ax.axis("off")
     else:
         rows = (n + nrow - 1) // nrow
@@ -53,7 +53,7 @@ def show_images(images: torch.Tensor, captions: Sequence[str] | None = None, nro
                 ax.imshow(unit[k].permute(1, 2, 0).numpy(), interpolation="nearest")
                 ax.set_title(_wrap(captions[k], 22), fontsize=fontsize)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_wrap(title, int(fig.get_figwidth() * 11), max_lines=4))
     fig.tight_layout()
     return fig
 
@@ -77,7 +77,7 @@ def plot_heatmap(matrix, row_labels: Sequence[str], col_labels: Sequence[str] | 
                         color="black" if m[i, j] > mid else "white")
     fig.colorbar(im, ax=ax, fraction=0.046)
     if title:
-        ax.set_title(title)
+        ax.set_title(_wrap(title, int(fig.get_figwidth() * 10), max_lines=4))
     fig.tight_layout()
     return fig
 
@@ -95,20 +95,24 @@ def plot_curves(curves: dict[str, Sequence[float]], xlabel: str = "step", ylabel
     if logy:
         ax.set_yscale("log")
     if title:
-        ax.set_title(title)
+        ax.set_title(_wrap(title, 66, max_lines=4))
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
 
-def _wrap(text: str, width: int) -> str:
-    words, lines, line = text.split(), [], ""
-    for w in words:
-        if line and len(line) + 1 + len(w) > width:
-            lines.append(line)
-            line = w
-        else:
-            line = f"{line} {w}".strip()
-    lines.append(line)
-    return "\n".join(lines[:3])
+def _wrap(text: str, width: int, max_lines: int = 3) -> str:
+    """``text`` broken into lines of at most ``width`` characters (at spaces; its own line breaks kept),
+    at most ``max_lines`` of them."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for w in paragraph.split():
+            if line and len(line) + 1 + len(w) > width:
+                lines.append(line)
+                line = w
+            else:
+                line = f"{line} {w}".strip()
+        lines.append(line)
+    return "\n".join(lines[:max_lines])
