@@ -18,3 +18,27 @@ def test_ablate_gan_runs_every_variant(tmp_path, monkeypatch):
         assert 0 <= row["accuracy"]["all"] <= row["accuracy"]["shape"] <= 1
         assert row["diversity"] > 0 and row["ms_per_step"] > 0
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+
+
+def test_gpu_estimate_counts_flops_and_kernels(monkeypatch):
+    """estimate_gpu's two counts on a step whose cost is known by hand: a linear layer, forward and backward."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import estimate_gpu
+    import torch
+
+    layer = torch.nn.Linear(32, 16)
+    x = torch.randn(8, 32)
+    step = estimate_gpu._fit(layer, lambda: layer(x).square().mean())
+    flops, ops = estimate_gpu.count(step)
+    forward = 2 * 8 * 32 * 16
+    assert flops == 2 * forward  # the forward matmul and the weight gradient (x needs no gradient)
+    assert 5 < ops < 200
+
+
+def test_the_gpu_estimate_keeps_every_notebook_within_the_budget():
+    """The recorded estimate (benchmarks/results/gpu_estimate.json) covers the training notebooks, each < 10 min."""
+    record = json.loads((BENCHMARKS / "results" / "gpu_estimate.json").read_text())
+    assert set(record["notebooks"]) == {"02_generation", "03_vqvae_refinement", "04_adversarial_training"}
+    for name, notebook in record["notebooks"].items():
+        assert notebook["within_budget"] and notebook["training_minutes"] < 10, name
+        assert sum(loop["minutes"] for loop in notebook["loops"]) <= notebook["training_minutes"] + 0.1

@@ -66,6 +66,21 @@ def test_evaluate_prints_a_table_and_writes_json(trained, tmp_path, capsys):
     assert results["images"] == 40 and results["fid_floor"] > 0
 
 
+def test_evaluate_record_writes_the_measurements_into_the_pipeline(trained, capsys):
+    """--record: the record every quoted number comes from, written by the evaluator, weights untouched."""
+    pipeline = trained / "pipeline"
+    weights = (pipeline / "generator" / "model.safetensors").read_bytes()
+    assert main(["evaluate", "--record", "--model", str(pipeline), "--num-samples", "8", "--no-progress"]) == 0
+    assert f"recorded in {pipeline / 'pipeline.json'}" in capsys.readouterr().out
+    record = json.loads((pipeline / "pipeline.json").read_text())
+    assert record["evaluated"]["command"] == "textimg evaluate --record --num-samples 8"
+    assert record["test"]["images"] == record["test_bicubic"]["images"] == 8 and record["test_32"]["size"] == 32
+    assert record["training"]["command"].startswith("textimg train")  # what training recorded is kept
+    assert (pipeline / "generator" / "model.safetensors").read_bytes() == weights
+    assert main(["generate", "--model", str(pipeline), "a small red circle at the top left",
+                 "--out", str(trained / "after.png")]) == 0  # still loads: hashes agree
+
+
 @pytest.mark.parametrize("argv", [
     [],
     ["paint"],

@@ -1,6 +1,7 @@
 """The course runner (textimg-course) and the notebooks' shared conventions."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -58,13 +59,61 @@ def test_runner_executes_a_notebook_and_saves_its_figures(tmp_path, monkeypatch)
     assert save_figures(nb, tmp_path / "again", "x") == 1
 
 
-def test_runner_reports_a_failing_notebook(tmp_path, monkeypatch, capsys):
+def test_a_failed_notebook_is_reported_and_the_run_goes_on_then_resumes(tmp_path, monkeypatch, capsys):
+    """Go on after a failure, summary table, RUN.json; running again re-runs only what is not done."""
     folder = tmp_path / "notebooks"
     folder.mkdir()
-    _tiny_notebook(folder / "00_broken.ipynb", "1 / 0")
+    _tiny_notebook(folder / "00_first.ipynb", "print('first')")
+    _tiny_notebook(folder / "01_broken.ipynb", "1 / 0", markdown="## 3. Dividing")
+    _tiny_notebook(folder / "02_last.ipynb", "print('last')")
     monkeypatch.chdir(tmp_path)
-    assert main(["--preset", "quick", "--out", str(tmp_path / "out")]) == 1
-    assert "00_broken.ipynb failed" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(["--preset", "quick", "--out", str(out), "--threads", "1"]) == 1
+    printed = capsys.readouterr().out
+    assert "01_broken  FAILED" in printed and "in '3. Dividing'" in printed and "ZeroDivisionError" in printed
+    assert "Traceback" not in printed  # the full error goes to a file, not the screen
+    assert "ZeroDivisionError" in (out / "logs" / "01_broken.error.txt").read_text()
+    assert (out / "02_last.ipynb").exists() and not (out / "01_broken.ipynb").exists()
+    table = printed[printed.index("notebook "):]
+    assert re.search(r"00_first\.ipynb\s+ok", table) and re.search(r"01_broken\.ipynb\s+failed", table)
+    record = json.loads((out / "RUN.json").read_text())
+    assert record["preset"] == "quick" and {k: v["status"] for k, v in record["notebooks"].items()} == \
+        {"00_first": "ok", "01_broken": "failed", "02_last": "ok"}
+    assert record["notebooks"]["00_first"]["threads"] == 1
+
+    # the learner fixes the notebook and runs the command again: only it runs
+    _tiny_notebook(folder / "01_broken.ipynb", "print('fixed')", markdown="## 3. Dividing")
+    assert main(["--preset", "quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "1 of 3 notebook(s) to run" in printed and "01_broken  ok" in printed
+    assert re.search(r"00_first\.ipynb\s+done", printed)
+    # a text-only edit is not a reason to run again; --restart runs everything
+    _tiny_notebook(folder / "02_last.ipynb", "print('last')", markdown="# Reworded")
+    assert main(["--preset", "quick", "--out", str(out)]) == 0
+    assert "0 of 3 notebook(s) to run" in capsys.readouterr().out
+    assert main(["--preset", "quick", "--out", str(out), "--restart"]) == 0
+    assert "3 of 3 notebook(s) to run" in capsys.readouterr().out
+
+
+def test_threads_are_the_cores_other_programs_leave_free():
+    from textimg.course import busy_cores, choose_threads
+
+    assert choose_threads(cores=2, busy=0.1) == 2
+    assert choose_threads(cores=2, busy=1.0) == 1  # one other program: one thread (BENCHMARKS.md)
+    assert choose_threads(cores=2, busy=2.0) == 1  # never zero
+    assert choose_threads(cores=16, busy=3.4) == 13
+    assert 0.0 <= busy_cores(0.05) <= (os.cpu_count() or 1) + 0.01
+
+
+def test_no_cell_time_limit_unless_asked(monkeypatch, tmp_path):
+    import textimg.course as course
+
+    seen = {}
+    monkeypatch.setattr(course, "execute_notebook", lambda path, preset, **kw: seen.update(kw) or 1 / 0)
+    course.main(["--preset", "quick", "--only", "00", "--out", str(tmp_path), "--threads", "1"])
+    assert seen["timeout"] is None
+    course.main(["--preset", "quick", "--only", "00", "--out", str(tmp_path), "--timeout", "60"])
+    assert seen["timeout"] == 60
 
 
 def test_relink_rewrites_badges_and_install_lines(tmp_path):

@@ -5,7 +5,8 @@ A quoted number carries a marker naming its record and key, invisible when the M
     all four attributes in **93.3 %**<!--#pipeline:test.seen.all-->
 
 ``%`` after the number means the recorded fraction times 100; the recorded value is rounded to the
-quoted number's decimals the way Python prints it, so a quote agrees with the printouts. A date or a back-quoted word can be checked the same way
+quoted number's decimals the way Python prints it, so a quote agrees with the printouts. A date or a
+back-quoted word can be checked the same way
 (``2026-11-30<!--#run:date-->``, ```cpu`<!--#run:preset-->``).
 """
 
@@ -104,9 +105,11 @@ def test_markers_read_percent_rounding_dates_and_words(tmp_path):
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "notebooks/RUN.json").write_text(json.dumps(
         {"preset": "cpu", "date": "2026-11-30", "notebooks": {"a": {"seconds": 1686.0}}, "acc": [0.9335]}))
-    ok = ("**93.3 %**<!--#run:acc.0--> 93%<!--#run:acc.0--> 0.933<!--#run:acc.0--> 28.1<!--#run:notebooks.a.seconds/60-->"
-          " 1,686<!--#run:notebooks.a.seconds--> `cpu`<!--#run:preset--> 2026-11-30<!--#run:date-->")
+    ok = ("**93.3 %**<!--#run:acc.0--> 93%<!--#run:acc.0--> 0.933<!--#run:acc.0-->"
+          " 28.1<!--#run:notebooks.a.seconds/60--> 1,686<!--#run:notebooks.a.seconds-->"
+          " `cpu`<!--#run:preset--> 2026-11-30<!--#run:date-->")
     assert mismatches(ok, tmp_path) == (7, [])
-    bad = "93.4 %<!--#run:acc.0--> `gpu`<!--#run:preset--> 2026-12-01<!--#run:date--> 1<!--#run:nothing--> 1<!--#x:y-->"
+    bad = ("93.4 %<!--#run:acc.0--> `gpu`<!--#run:preset--> 2026-12-01<!--#run:date--> 1<!--#run:nothing-->"
+           " 1<!--#x:y-->")
     found, wrong = mismatches(bad, tmp_path)
     assert found == 5 and len(wrong) == 5

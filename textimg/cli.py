@@ -5,6 +5,7 @@
     textimg generate "a small red circle at the top left" "a large blue star" --out grid.png
     textimg generate --model runs/models/quick/pipeline_training/pipeline --seed 3 --per-prompt 4 "a green square"
     textimg evaluate --json metrics.json                      # the metrics table, on screen and as JSON
+    textimg evaluate --record --model DIR                     # re-measure and write the results into its pipeline.json
     textimg train-judge --out checkpoints/judge               # remake the committed judge (the instrument)
 
 Without ``--model`` the committed checkpoints are used. Errors in the arguments or the files
