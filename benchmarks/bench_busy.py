@@ -20,31 +20,21 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 OTHER = ("import torch\ntorch.set_num_threads(1)\nx = torch.randn(384, 384)\n"
          "while True:\n    x = torch.tanh(x @ x)\n")
 
 
 def step_ms(threads: int, steps: int) -> float:
     """Median ms per regression step (forward + backward + Adam) with ``threads`` torch threads."""
-    from textimg.generator import Generator, GeneratorConfig
-    from textimg.text import TextEncoding
+    from bench_stages import median_time, regression_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    G = Generator(GeneratorConfig.preset("cpu", text_dim=384))
-    opt = torch.optim.Adam(G.parameters(), 2e-4)
-    text = TextEncoding(torch.randn(64, 12, 384), torch.ones(64, 12, dtype=torch.bool), torch.randn(64, 384))
-    z, target = torch.randn(64, G.cfg.z_dim), torch.rand(64, 3, 32, 32) * 2 - 1
-    times = []
-    for i in range(steps + 3):
-        start = time.perf_counter()
-        loss = (G(z, text) - target).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
+    step, _ = regression_step("cpu", batch=64)
+    for _ in range(3):  # warm-up
+        step()
+    return 1000 * median_time(step, repeats=steps)
 
 
 def main() -> None:
@@ -52,7 +42,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_stages import machine
 
     cores = os.cpu_count() or 1

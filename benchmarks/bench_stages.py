@@ -72,26 +72,42 @@ def bench_text(n: int = 2_000) -> dict:
             "MiniLM, from the cache, batches of 64 (captions/s)": n / median_time(warm)}
 
 
-def bench_generator_step(batch: int = 64, steps: int = 10) -> dict:
-    from textimg.generator import Generator, GeneratorConfig, regression_loss
+def random_text(batch: int, dim: int, tokens: int = 12, device="cpu"):
+    """A random TextEncoding (B, T, D) with every token real: the text side of a step, without an encoder."""
     from textimg.text import TextEncoding
 
+    return TextEncoding(torch.randn(batch, tokens, dim), torch.ones(batch, tokens, dtype=torch.bool),
+                        torch.randn(batch, dim)).to(device)
+
+
+def regression_step(preset: str, batch: int = 64, device="cpu", foreach: bool | None = None, **overrides):
+    """One regression training step of the preset's generator (forward, regression_loss, backward, Adam)
+    on random text and images, as a callable; returns (step, generator)."""
+    from textimg.generator import Generator, GeneratorConfig, regression_loss
+
+    cfg = GeneratorConfig.preset(preset, **overrides)
+    g = Generator(cfg).to(device)
+    opt = torch.optim.Adam(g.parameters(), foreach=foreach)
+    text = random_text(batch, cfg.text_dim, device=device)
+    x_real = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+
+    def step():
+        loss = regression_loss(g(torch.randn(batch, cfg.z_dim, device=device), text), x_real)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return step, g
+
+
+def bench_generator_step(batch: int = 64, steps: int = 10) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}
     for preset in ("quick", "cpu", "gpu"):
-        cfg = GeneratorConfig.preset(preset)
-        g = Generator(cfg).to(device)
-        opt = torch.optim.Adam(g.parameters())
-        text = TextEncoding(torch.randn(batch, 12, cfg.text_dim), torch.ones(batch, 12, dtype=torch.bool),
-                            torch.randn(batch, cfg.text_dim)).to(device)
-        x_real = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+        step, g = regression_step(preset, batch, device)
 
         def run():
             for _ in range(steps):
-                loss = regression_loss(g(torch.randn(batch, cfg.z_dim, device=device), text), x_real)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                step()
             if device == "cuda":
                 torch.cuda.synchronize()
 

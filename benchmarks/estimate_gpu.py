@@ -36,14 +36,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_stages import machine  # noqa: E402
+from bench_stages import machine, random_text, regression_step  # noqa: E402
 
 from textimg.data import NUM_CLASSES  # noqa: E402
 from textimg.discriminator import Discriminator, DiscriminatorConfig  # noqa: E402
 from textimg.gan import GANTrainConfig, d_step, g_step  # noqa: E402
 from textimg.generator import Generator, GeneratorConfig  # noqa: E402
 from textimg.refiner import Refiner, RefinerConfig  # noqa: E402
-from textimg.text import TextEncoding  # noqa: E402
 from textimg.vqvae import VQVAE, VQVAEConfig  # noqa: E402
 
 LAUNCH_S = 15e-6  # PyTorch's per-operation overhead on Colab's CPU (an assumption, stated in BENCHMARKS.md)
@@ -76,11 +75,6 @@ def count(step) -> tuple[float, int]:
     return float(flops.get_total_flops()), ops.count
 
 
-def _text(batch: int, tokens: int = 12) -> TextEncoding:
-    return TextEncoding(torch.randn(batch, tokens, 384), torch.ones(batch, tokens, dtype=torch.bool),
-                        torch.randn(batch, 384))
-
-
 def _fit(model: nn.Module, loss_of) -> callable:
     opt = torch.optim.Adam(model.parameters(), 1e-4, foreach=True)
 
@@ -92,10 +86,8 @@ def _fit(model: nn.Module, loss_of) -> callable:
     return step
 
 
-def regression_step(**overrides):
-    G = Generator(GeneratorConfig.preset("gpu", text_dim=384, **overrides))
-    z, text, target = torch.randn(64, G.cfg.z_dim), _text(64), torch.rand(64, 3, 32, 32)
-    return _fit(G, lambda: F.mse_loss(G(z, text), target))
+def generator_step():
+    return regression_step("gpu", batch=64, foreach=True, text_dim=384)[0]
 
 
 def vqvae_step(**overrides):
@@ -110,7 +102,7 @@ def vqvae_step(**overrides):
 
 def refiner_step():
     model = Refiner(RefinerConfig.preset("gpu", text_dim=384))
-    x32, x64, text = torch.rand(64, 3, 32, 32) * 2 - 1, torch.rand(64, 3, 64, 64) * 2 - 1, _text(64)
+    x32, x64, text = torch.rand(64, 3, 32, 32) * 2 - 1, torch.rand(64, 3, 64, 64) * 2 - 1, random_text(64, 384)
 
     def loss():
         x_rec, out = model(x32, text)
@@ -124,7 +116,7 @@ def gan_step(d_steps: int = 1, **train_overrides):
     D = Discriminator(DiscriminatorConfig.preset("gpu", text_dim=384, num_classes=NUM_CLASSES))
     g_opt, d_opt = (torch.optim.Adam(m.parameters(), 2e-4, foreach=True) for m in (G, D))
     b = cfg.batch_size
-    real, text, wrong = torch.rand(b, 3, 32, 32) * 2 - 1, _text(b), _text(b)
+    real, text, wrong = torch.rand(b, 3, 32, 32) * 2 - 1, random_text(b, 384), random_text(b, 384)
     labels = torch.stack([torch.randint(n, (b,)) for n in NUM_CLASSES], 1)
 
     def step():
@@ -167,8 +159,8 @@ def wrn_28_10_step(batch: int = 16):
 
 # each notebook's training loops in the gpu preset: (what, steps, step factory, precision), from its parameters cell
 NOTEBOOKS = {
-    "02_generation": [("regression, 4,000 steps (STEPS)", 4000, regression_step, "float32"),
-                      ("attention switches: 4 variants x 1,500 steps (SWITCH_STEPS)", 4 * 1500, regression_step,
+    "02_generation": [("regression, 4,000 steps (STEPS)", 4000, generator_step, "float32"),
+                      ("attention switches: 4 variants x 1,500 steps (SWITCH_STEPS)", 4 * 1500, generator_step,
                        "float32")],
     "03_vqvae_refinement": [("codebook variants: 4 x 1,000 steps (COLLAPSE_STEPS)", 4000, vqvae_step, "float32"),
                             ("refiner, 2,000 steps (STEPS)", 2000, refiner_step, "float32")],

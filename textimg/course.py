@@ -260,9 +260,11 @@ def _git_commit(root: Path) -> str | None:
 
 
 def read_record(out: Path) -> dict:
-    path = out / RUN_RECORD
+    """The RUN.json in ``out``, or {} if there is none (or it cannot be read: the run starts afresh)."""
+    from .utils import read_json
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(out / RUN_RECORD)
     except (OSError, ValueError):
         return {}
 
@@ -314,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import nbformat
 
+    from .utils import save_json
+
     out = folder if args.inplace else (args.out or folder.parent / "runs" / preset)
     out.mkdir(parents=True, exist_ok=True)
     record = read_record(out)
@@ -358,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                       "the next notebooks run on (they fall back to the committed checkpoints)", flush=True)
             record["notebooks"][path.stem] = {"status": status, "seconds": round(seconds, 1), "threads": threads,
                                               "source": source_hash(path)}
-            (out / RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+            save_json(record, out / RUN_RECORD)  # atomic: an interrupted run leaves the last notebook's record
             rows.append((path.name, status, seconds))
     except KeyboardInterrupt:
         print("\ninterrupted: run the command again to resume at the first notebook not yet done")
