@@ -1,440 +1,296 @@
-"""Self-checking exercises: each ``check_*`` function tells the learner whether an answer is right.
+"""Self-checking exercises: each ``check_*`` tells the learner whether an answer is right, and the
+grader (``textimg grade``) scores the same exercises from outside the learner's process.
 
-Every check prints one line, "✅ ..." or "❌ ..." with a hint, and returns True or False, so a
-notebook cell (or an autograder) can both show and use the result. Checks never reveal the answer
-in their hint; they say what to look at.
+An :class:`Exercise` has an id ("01.2"), points, two hints and two halves:
+
+- ``respond(answer)`` runs in the learner's kernel: it calls the learner's function on fixed inputs
+  (or takes the learner's value) and returns plain data, the *response*. While it runs, the
+  package's own reference for that exercise is out of reach: calling it, by any name, raises.
+- ``score(response) -> (right, message)`` computes the reference answer itself and compares. In a
+  notebook it runs right after ``respond``, for feedback; under the grader, the response is also
+  written to a file, and the grader scores it again in its own process, where the points count.
+
+The exercises themselves are in :mod:`textimg.exercises`; ``checks.check_masked_mean`` and the
+other ``check_*`` names are found there.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dis
+import importlib
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
+GRADING_ENV = "TEXTIMG_GRADING_DIR"  # set by the grader: responses are written there, one file per exercise
+_STUB_MESSAGE = "textimg: the package's reference for the exercise being checked is out of reach"
+_failures: dict[str, int] = {}  # failed attempts per exercise in this kernel: the hint ladder
 
-def _report(ok: bool, good: str, hint: str) -> bool:
-    print(("✅ " + good) if ok else ("❌ Not yet. " + hint))
-    return ok
+
+@dataclass
+class Exercise:
+    """One graded exercise. ``kind``: "build" (write a piece of a network or its training),
+    "function" (write a small function), "value" (an answer) or "predict" (predict, then run)."""
+
+    id: str
+    points: int
+    title: str
+    kind: str
+    respond: Callable[[Any], Any]
+    score: Callable[[Any], tuple[bool, str]] | None = None
+    hints: tuple[str, str] = ("", "")
+    reference: tuple[str, ...] = ()  # dotted names of the package's own answer, out of reach in respond
+
+    @property
+    def notebook(self) -> str:
+        return self.id.split(".")[0]
 
 
-def _empty_body():
-    ...
+EXERCISES: dict[str, Exercise] = {}
+
+
+class Check:
+    """What a notebook calls: ``check(answer) -> bool``. ``@check.scorer`` attaches the score half."""
+
+    def __init__(self, exercise: Exercise):
+        self.exercise = exercise
+        self.__doc__ = exercise.respond.__doc__
+
+    def scorer(self, fn: Callable[[Any], tuple[bool, str]]) -> Callable:
+        self.exercise.score = fn
+        return fn
+
+    def __call__(self, answer) -> bool:
+        return run(self.exercise, answer)
+
+    def __repr__(self) -> str:
+        e = self.exercise
+        return f"<check {e.id} ({e.points} points): {e.title}>"
+
+
+def exercise(id: str, points: int, title: str, kind: str, hints: tuple[str, str] = ("", ""),
+             reference: tuple[str, ...] = ()) -> Callable[[Callable], Check]:
+    """Registers ``respond`` as exercise ``id``; returns the :class:`Check` a notebook calls."""
+    def register(respond: Callable) -> Check:
+        if id in EXERCISES:
+            raise ValueError(f"exercise {id} is defined twice")
+        EXERCISES[id] = Exercise(id, points, title, kind, respond, hints=hints, reference=reference)
+        return Check(EXERCISES[id])
+    return register
+
+
+# ---- one check, start to finish ----------------------------------------------------------------
+
+def run(ex: Exercise, answer) -> bool:
+    """respond (reference out of reach) -> record for the grader -> score -> one line of feedback."""
+    if _unanswered(answer):
+        response = {"__error__": "unanswered"}
+    else:
+        response = respond_safely(ex, answer)
+    _record(ex.id, response)
+    right, message = score_response(ex, response)
+    _feedback(ex, right, message)
+    return right
+
+
+def respond_safely(ex: Exercise, answer) -> Any:
+    """The learner's half: never raises; failures become {"__error__": ...} responses."""
+    try:
+        with out_of_reach(ex.reference) as intact:
+            response = ex.respond(answer)
+            if not intact():
+                return {"__error__": "tampered"}
+    except NotImplementedError as err:
+        if str(err).startswith(_STUB_MESSAGE):
+            return {"__error__": "delegated"}
+        return {"__error__": f"your code raised NotImplementedError: {err}"[:400]}
+    except Exception as err:  # the learner's code may fail in any way: say how
+        return {"__error__": f"your code raised {type(err).__name__}: {err}"[:400]}
+    try:
+        return plain(response)
+    except TypeError as err:
+        return {"__error__": str(err)}
+
+
+def score_response(ex: Exercise, response) -> tuple[bool, str]:
+    """The judging half, safe on any response (also one read back from an untrusted file)."""
+    if isinstance(response, dict) and "__error__" in response:
+        error = str(response["__error__"])
+        if error == "unanswered":
+            return False, "No answer yet: replace the None (or the `...`) with your answer and run the cell again."
+        if error == "delegated":
+            names = ", ".join(ex.reference)
+            return False, (f"your answer calls the package's own reference ({names}), directly or through another "
+                           "function: write it yourself.")
+        if error == "tampered":
+            return False, "your answer changed the package's reference while it was checked."
+        return False, error
+    try:
+        right, message = ex.score(response)
+        return bool(right), str(message)
+    except Exception as err:  # a response of an unexpected form
+        return False, f"your answer has an unexpected form ({type(err).__name__}: {err})"[:400]
+
+
+def _feedback(ex: Exercise, right: bool, message: str) -> None:
+    head = f"{ex.id} {ex.title} ({ex.points if right else 0}/{ex.points} points)"
+    if right:
+        print(f"✅ {head}: {message}")
+        return
+    print(f"❌ {head}: Not yet. {message}")
+    if message.startswith("No answer yet"):
+        return
+    _failures[ex.id] = _failures.get(ex.id, 0) + 1
+    for level in range(min(_failures[ex.id], 2)):
+        if ex.hints[level]:
+            print(f"   Hint {level + 1}: {ex.hints[level]}")
+
+
+def _record(exercise_id: str, response) -> None:
+    """Under the grader: write the response where the grader reads it (the last attempt counts)."""
+    folder = os.environ.get(GRADING_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        torch.save(response, Path(folder) / f"{exercise_id}.pt")
+
+
+def read_response(path: str | Path) -> Any:
+    """A response written by :func:`_record`, read safely (tensors and plain containers only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---- helpers for exercises ---------------------------------------------------------------------
+
+def plain(value) -> Any:
+    """A response as plain data torch.save/load(weights_only) can carry: tensors (detached, on CPU),
+    numbers, strings, None, and lists/tuples/dicts of them; sets become sorted lists."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (set, frozenset)):
+        return sorted((plain(v) for v in value), key=repr)
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if hasattr(value, "__array__") or hasattr(value, "item"):  # numpy arrays and scalars
+        return torch.as_tensor(value).clone()
+    raise TypeError(f"expected a tensor, a number, a string or a list of them, got {type(value).__name__}")
+
+
+def call(fn: Callable, *args) -> Any:
+    """Calls the learner's function; a None result says which part is missing."""
+    out = fn(*args)
+    if out is None:
+        raise ValueError("your function returned None: write the missing part (did you forget `return`?)")
+    return out
+
+
+def tensor(value, shape: tuple | None = None, name: str = "your result") -> torch.Tensor:
+    """A response as a float tensor of the expected shape, or a clear error."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} should be a tensor, got {type(value).__name__}")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} should have shape {tuple(shape)}, got {tuple(value.shape)}")
+    return value.float()
 
 
 def _unanswered(answer) -> bool:
-    """True (and says so) while the learner's answer is still the placeholder None or ``...``, or a
-    function whose body is still only ``...`` (or ``pass``)."""
+    """True while the answer is still the placeholder None or ``...``, or a function whose body is
+    only ``...`` or ``pass`` (a docstring allowed)."""
     if answer is None or answer is Ellipsis:
-        print("❌ No answer yet: replace the None (or ...) with your answer and run the cell again.")
         return True
+    if isinstance(answer, tuple) and answer:  # several parts: unanswered while every part is
+        return all(_unanswered(part) for part in answer)
     code = getattr(answer, "__code__", None)
-    if code is not None and code.co_code == _empty_body.__code__.co_code and not code.co_consts[1:]:
-        print("❌ No answer yet: your function's body is still `...`; write it and run the cell again.")
-        return True
-    return False
+    if code is None:
+        return False
+    ops = [(i.opname, i.argval) for i in dis.get_instructions(code) if i.opname not in ("RESUME", "NOP", "CACHE")]
+    return ops in ([("LOAD_CONST", None), ("RETURN_VALUE", None)], [("RETURN_CONST", None)])
 
+
+# ---- the reference, out of reach ---------------------------------------------------------------
+
+def _stub(*args, **kwargs):
+    raise NotImplementedError("textimg: the package's reference for the exercise being checked is out of reach; "
+                              "write your own")
+
+
+def resolve(name: str) -> Callable:
+    """The innermost function object behind a dotted name ("textimg.vqvae.VectorQuantizer.forward")."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        while hasattr(obj, "__wrapped__"):  # e.g. @torch.no_grad()
+            obj = obj.__wrapped__
+        if not hasattr(obj, "__code__"):
+            raise TypeError(f"{name} is not a Python function")
+        return obj
+    raise ImportError(f"cannot import {name}")
+
+
+@contextmanager
+def out_of_reach(names: tuple[str, ...]):
+    """Inside, every function named in ``names`` raises when called, whatever name the caller holds
+    it by (its code object is swapped). Yields ``intact()``: False if the swap was undone meanwhile."""
+    swapped = []
+    try:
+        for name in names:
+            fn = resolve(name)
+            stub = _stub.__code__.replace(co_name=fn.__code__.co_name, co_qualname=fn.__code__.co_qualname)
+            swapped.append((fn, fn.__code__, stub))
+            fn.__code__ = stub
+        yield lambda: all(fn.__code__ is stub for fn, _, stub in swapped)
+    finally:
+        for fn, code, _ in reversed(swapped):
+            fn.__code__ = code
+
+
+# ---- in notebooks ------------------------------------------------------------------------------
 
 def compare(name: str, mine: torch.Tensor, reference: torch.Tensor, atol: float = 1e-5) -> bool:
     """Compares a result a notebook derived by hand with the package's (micrograd's ``cmp``)."""
     mine, reference = torch.as_tensor(mine).detach().cpu(), torch.as_tensor(reference).detach().cpu()
     if mine.shape != reference.shape:
-        return _report(False, "", f"{name}: shapes differ, {tuple(mine.shape)} vs {tuple(reference.shape)}.")
+        print(f"❌ {name}: shapes differ, {tuple(mine.shape)} vs {tuple(reference.shape)}.")
+        return False
     diff = (mine.float() - reference.float()).abs().max().item() if mine.numel() else 0.0
-    return _report(diff <= atol, f"{name}: matches the package (max difference {diff:.1e}).",
-                   f"{name}: differs from the package by up to {diff:.1e}.")
+    print(f"✅ {name}: matches the package (max difference {diff:.1e})." if diff <= atol
+          else f"❌ {name}: differs from the package by up to {diff:.1e}.")
+    return diff <= atol
 
 
-# ---- 00_introduction -------------------------------------------------------------------------
+def use(right: bool, mine: Callable, ours: Callable, what: str) -> Callable:
+    """After a build-it exercise: the learner's function if it passed, else the package's, saying which."""
+    print(f"→ The cells below use your {what}." if right else
+          f"→ The cells below use the package's {what} until yours passes (then run this cell again).")
+    return mine if right else ours
 
-def check_num_compositions(answer: int) -> bool:
-    """Exercise: how many distinct (shape, color, size, position) label sets can a *train* caption describe?"""
-    from .data import ShapesDataset
 
-    if _unanswered(answer):
-        return False
-    a = ShapesDataset.ATTRIBUTES
-    seen_pairs = len(a["shape"]) * len(a["color"]) - len(ShapesDataset.HELDOUT)
-    expected = seen_pairs * len(a["size"]) * len(a["position"])
-    return _report(answer == expected, f"Right: {expected} label sets.",
-                   "Multiply the number of words per attribute, but remember that some (color, shape) "
-                   "pairs never appear in train: ShapesDataset.HELDOUT.")
+def ids(notebook: str | None = None) -> list[str]:
+    """Exercise ids, in course order, optionally of one notebook ("01" or "01_text_encoding")."""
+    import textimg.exercises  # noqa: F401  (registers them)
 
+    prefix = None if notebook is None else notebook[:2]
+    return [i for i in EXERCISES if prefix is None or i.startswith(prefix + ".")]
 
-def check_caption_for(caption: str, shape: str, color: str, size: str, position: str) -> bool:
-    """Exercise: write a caption, in the dataset's grammar, for the given attribute words."""
-    from .data import ShapesDataset, parse_caption
 
-    if _unanswered(caption):
-        return False
-    words = {"shape": shape, "color": color, "size": size, "position": position}
-    expected = {k: ShapesDataset.ATTRIBUTES[k].index(v) for k, v in words.items()}
-    try:
-        got = parse_caption(caption)
-    except (ValueError, TypeError) as err:
-        return _report(False, "", f"parse_caption cannot read it: {err}")
-    wrong = [k for k in expected if got.get(k) != expected[k]]
-    return _report(not wrong, f"Right: {caption!r} parses to {words}.",
-                   f"It parses, but these attributes differ: {', '.join(wrong)}.")
+def __getattr__(name: str):  # checks.check_masked_mean and friends live in textimg.exercises
+    if name.startswith("check_"):
+        from . import exercises
 
+        return getattr(exercises, name)
+    raise AttributeError(f"module 'textimg.checks' has no attribute {name!r}")
 
-def check_heldout_pairs(answer) -> bool:
-    """Exercise: which (color, shape) pairs never appear in the train split? (a set of tuples)"""
-    from .data import ShapesDataset
 
-    if _unanswered(answer):
-        return False
-    expected = {tuple(p) for p in ShapesDataset.HELDOUT}
-    got = {tuple(p) for p in answer}
-    return _report(got == expected, f"Right: {len(expected)} held-out pairs.",
-                   f"You listed {len(got)} pairs, {len(got & expected)} of them right. "
-                   "Count the pairs in a large train split, or read the dataset card.")
-
-
-# ---- 01_text_encoding ------------------------------------------------------------------------
-
-def check_masked_mean(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
-    """Exercise: write masked mean pooling ``fn(tokens (B, T, D), mask (B, T) bool) -> (B, D)``."""
-    from .text import masked_mean
-
-    if _unanswered(fn):
-        return False
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randn(4, 7, 5, generator=g)
-    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] * 1 + [0] * 6, [1] * 5 + [0] * 2]).bool()
-    try:
-        got = fn(tokens, mask)
-    except Exception as err:  # the learner's code may fail in any way: say how
-        return _report(False, "", f"your function raised {type(err).__name__}: {err}")
-    if not isinstance(got, torch.Tensor) or got.shape != (4, 5):
-        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-        return _report(False, "", f"expected a tensor of shape (4, 5), got {shape}.")
-    if torch.allclose(got, tokens.mean(1), atol=1e-5):
-        return _report(False, "", "that is the plain mean: padding positions must not count.")
-    ok = torch.allclose(got, masked_mean(tokens, mask), atol=1e-5)
-    return _report(ok, "Right: padding positions are ignored.",
-                   "Sum only the positions where mask is True, then divide by how many there are.")
-
-
-def check_cosine_similarity(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
-    """Exercise: write ``fn(a (N, D), b (M, D)) -> (N, M)`` cosine similarities."""
-    if _unanswered(fn):
-        return False
-    g = torch.Generator().manual_seed(1)
-    a, b = torch.randn(3, 6, generator=g), torch.randn(4, 6, generator=g) * 5
-    expected = torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
-    try:
-        got = fn(a, b)
-    except Exception as err:
-        return _report(False, "", f"your function raised {type(err).__name__}: {err}")
-    if not isinstance(got, torch.Tensor) or got.shape != (3, 4):
-        return _report(False, "", "expected an (N, M) tensor: one similarity per pair of rows.")
-    ok = torch.allclose(got, expected, atol=1e-5)
-    return _report(ok, "Right.", "Divide each dot product by the two vectors' lengths (norms).")
-
-
-def check_token_count(text: str, answer: int, tokenizer) -> bool:
-    """Exercise: how many tokens, [CLS] and [SEP] included, does the tokenizer make of ``text``?"""
-    if _unanswered(answer):
-        return False
-    expected = len(tokenizer(text)["input_ids"])
-    return _report(answer == expected, f"Right: {expected} tokens.",
-                   "Count the WordPiece tokens from tokenizer.tokenize(text), then add the special tokens.")
-
-
-def check_nearest_caption(query: str, candidates: list[str], answer: int, text_encoder) -> bool:
-    """Exercise: the index of the candidate caption whose pooled vector is most cosine-similar to ``query``'s."""
-    if _unanswered(answer):
-        return False
-    pooled = text_encoder.encode([query, *candidates]).pooled
-    sims = torch.nn.functional.cosine_similarity(pooled[:1], pooled[1:])
-    expected = int(sims.argmax())
-    return _report(answer == expected, f"Right: {candidates[expected]!r}.",
-                   "Encode the query and the candidates, compare pooled vectors with cosine similarity, "
-                   "take the argmax.")
-
-
-# ---- 02_generation ---------------------------------------------------------------------------
-
-def check_upsampled_size(answer: int) -> bool:
-    """Exercise: the output side of ConvTranspose2d(kernel_size=4, stride=2, padding=1) on a 16x16 map."""
-    if _unanswered(answer):
-        return False
-    conv = torch.nn.ConvTranspose2d(1, 1, kernel_size=4, stride=2, padding=1)
-    expected = conv(torch.zeros(1, 1, 16, 16)).shape[-1]
-    return _report(answer == expected, f"Right: {expected}x{expected}.",
-                   "Use out = (in - 1) * stride - 2 * padding + kernel_size.")
-
-
-def check_masked_attention(fn: Callable) -> bool:
-    """Exercise: ``fn(q (B, N, d), k (B, T, d), v (B, T, C), mask (B, T) bool) -> (B, N, C)``,
-    scaled dot-product attention in which padding tokens (mask False) get zero weight."""
-    if _unanswered(fn):
-        return False
-    g = torch.Generator().manual_seed(2)
-    q, k, v = torch.randn(2, 5, 4, generator=g), torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 6, generator=g)
-    mask = torch.tensor([[True, True, False], [True, False, False]])
-    scores = (q @ k.transpose(1, 2) / 2.0).masked_fill(~mask[:, None, :], float("-inf"))
-    expected = torch.softmax(scores, dim=-1) @ v
-    try:
-        got = fn(q, k, v, mask)
-    except Exception as err:
-        return _report(False, "", f"your function raised {type(err).__name__}: {err}")
-    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
-        return _report(False, "", f"expected a tensor of shape {tuple(expected.shape)}.")
-    unmasked = torch.softmax(q @ k.transpose(1, 2) / 2.0, dim=-1) @ v
-    if torch.allclose(got, unmasked, atol=1e-5):
-        return _report(False, "", "padding tokens still get weight: set their scores to -inf before the softmax.")
-    return _report(torch.allclose(got, expected, atol=1e-5), "Right: padding gets zero weight.",
-                   "softmax(q k^T / sqrt(d)) v over the token axis, with masked scores set to -inf.")
-
-
-def check_mse_minimiser(answer: torch.Tensor, images: torch.Tensor) -> bool:
-    """Exercise: the one image (3, H, W) with the smallest mean squared error to all of ``images`` (N, 3, H, W)."""
-    if _unanswered(answer):
-        return False
-    answer = torch.as_tensor(answer).float()
-    if answer.shape != images.shape[1:]:
-        return _report(False, "", f"expected one image of shape {tuple(images.shape[1:])}.")
-    ok = torch.allclose(answer, images.mean(0), atol=1e-4)
-    return _report(ok, "Right: the per-pixel mean, the blurry average a pixel loss learns.",
-                   "Set the derivative of sum_i (x - x_i)^2 with respect to x to zero.")
-
-
-def check_self_attention_params(answer: int, channels: int = 64) -> bool:
-    """Exercise: the number of parameters of ``textimg.generator.SelfAttention2d(channels)``."""
-    from .generator import SelfAttention2d
-
-    if _unanswered(answer):
-        return False
-    expected = sum(p.numel() for p in SelfAttention2d(channels).parameters())
-    return _report(answer == expected, f"Right: {expected:,} parameters.",
-                   "Count the weights and biases of the three 1x1 convs (query and key have channels // 8 "
-                   "outputs, value has channels), plus the gate gamma.")
-
-
-# ---- 03_vqvae_refinement ---------------------------------------------------------------------
-
-def check_nearest_code(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
-    """Exercise: ``fn(z (N, D), codebook (K, D)) -> indices (N,)`` of the nearest code (squared L2)."""
-    if _unanswered(fn):
-        return False
-    g = torch.Generator().manual_seed(3)
-    z, codebook = torch.randn(50, 4, generator=g), torch.randn(10, 4, generator=g) * 2
-    expected = torch.cdist(z, codebook).argmin(dim=1)
-    try:
-        got = fn(z, codebook)
-    except Exception as err:
-        return _report(False, "", f"your function raised {type(err).__name__}: {err}")
-    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
-        return _report(False, "", "expected a tensor of shape (N,): one code index per vector.")
-    if torch.equal(got.long(), (z @ codebook.T).argmax(dim=1)) and not torch.equal(got.long(), expected):
-        return _report(False, "", "that is the largest dot product, not the smallest distance: "
-                       "||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, and ||e||^2 differs between codes.")
-    return _report(torch.equal(got.long(), expected), "Right: the nearest code for every vector.",
-                   "For each vector, compute the squared distance to every code and take the argmin.")
-
-
-def check_perplexity(fn: Callable[[torch.Tensor, int], float]) -> bool:
-    """Exercise: ``fn(indices (any shape), K) -> float``, exp(entropy) of the code histogram."""
-    from .metrics import codebook_perplexity
-
-    if _unanswered(fn):
-        return False
-    cases = [(torch.zeros(100, dtype=torch.long), 8), (torch.arange(8).repeat(5), 8),
-             (torch.tensor([0, 0, 0, 1, 2, 2]), 4)]
-    try:
-        got = [float(fn(idx, k)) for idx, k in cases]
-    except Exception as err:
-        return _report(False, "", f"your function raised {type(err).__name__}: {err}")
-    expected = [codebook_perplexity(idx, k) for idx, k in cases]
-    ok = all(abs(a - b) < 1e-4 for a, b in zip(got, expected))
-    return _report(ok, "Right: 1 for one code, K for uniform use, in between otherwise.",
-                   f"got {[round(x, 3) for x in got]} for (one code, uniform over 8, a skewed case); "
-                   "use p = counts / total and exp(-sum p log p), skipping p = 0.")
-
-
-def check_latent_bits(answer: int, num_codes: int = 256, latent_side: int = 16) -> bool:
-    """Exercise: how many bits does one image's grid of code indices take (latent_side^2 codes of K)?"""
-    import math
-
-    if _unanswered(answer):
-        return False
-    expected = latent_side * latent_side * math.ceil(math.log2(num_codes))
-    return _report(answer == expected, f"Right: {expected:,} bits, against 64*64*3*8 = 98,304 for the pixels.",
-                   "Each position of the latent grid stores one index among K codes: log2(K) bits.")
-
-
-# ---- 04_adversarial_training -----------------------------------------------------------------
-
-def _loss_cases() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(4)
-    return [torch.zeros(4), torch.tensor([30.0, -30.0, 2.0, -2.0]), torch.randn(64, generator=g) * 5]
-
-
-def check_d_loss(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
-    """Exercise: the source document's L_D = -E[log D(x)] - E[log(1 - D(G(z)))], from logits
-    ``fn(real_logits (B,), fake_logits (B,)) -> scalar``, finite for any logits."""
-    from .gan import d_loss_bce
-
-    if _unanswered(fn):
-        return False
-    for real in _loss_cases():
-        fake = -real.flip(0) + 1.0
-        try:
-            got = torch.as_tensor(fn(real, fake)).float()
-        except Exception as err:
-            return _report(False, "", f"your function raised {type(err).__name__}: {err}")
-        expected = d_loss_bce(real, fake)
-        if got.numel() != 1 or not torch.isfinite(got).all():
-            return _report(False, "", f"for logits {real.tolist()[:4]} your loss is {got.tolist()}: one finite number "
-                           "expected. Work from logits (softplus, or BCE-with-logits), not sigmoid then log.")
-        if abs(got.item() - expected.item()) > 1e-4 * max(1.0, abs(expected.item())):
-            return _report(False, "", "with D(x) = sigmoid(logit): -log sigmoid(l) = softplus(-l) and "
-                           "-log(1 - sigmoid(l)) = softplus(l). Average each over the batch, then add.")
-    return _report(True, "Right, and stable for large logits.", "")
-
-
-def check_g_loss_nonsaturating(fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
-    """Exercise: the non-saturating L_G = -E[log D(G(z))] from logits, ``fn(fake_logits (B,)) -> scalar``."""
-    from .gan import g_loss_nonsaturating, g_loss_saturating
-
-    if _unanswered(fn):
-        return False
-    for fake in _loss_cases():
-        try:
-            got = torch.as_tensor(fn(fake)).float()
-        except Exception as err:
-            return _report(False, "", f"your function raised {type(err).__name__}: {err}")
-        if got.numel() != 1 or not torch.isfinite(got).all():
-            return _report(False, "", "one finite number expected, for any logits: work from logits.")
-        saturating, nonsaturating = g_loss_saturating(fake).item(), g_loss_nonsaturating(fake).item()
-        if abs(got.item() - saturating) < 1e-6 < abs(got.item() - nonsaturating):
-            return _report(False, "", "that is the saturating E[log(1 - D(G(z)))]: G should *maximise* log D(G(z)).")
-        if abs(got.item() - g_loss_nonsaturating(fake).item()) > 1e-4 * max(1.0, abs(got.item())):
-            return _report(False, "", "-log sigmoid(l) = softplus(-l), averaged over the batch.")
-    return _report(True, "Right: large while D rejects the fakes, so G's gradient does not vanish.", "")
-
-
-def check_mismatch(fn: Callable[[list], list]) -> bool:
-    """Exercise: ``fn(captions: list[str]) -> list[str]``, for each caption another caption of the
-    batch that differs from it (GAN-CLS's "real image, wrong text")."""
-    if _unanswered(fn):
-        return False
-    import random
-
-    rnd = random.Random(0)
-    words = ["a red circle", "a blue square", "a green star", "a red circle", "a red circle"]
-    for trial in range(50):
-        batch = [rnd.choice(words) for _ in range(rnd.randint(2, 8))]
-        if len(set(batch)) < 2:
-            continue
-        try:
-            got = list(fn(list(batch)))
-        except Exception as err:
-            return _report(False, "", f"your function raised {type(err).__name__}: {err}")
-        if len(got) != len(batch) or any(w not in batch for w in got):
-            return _report(False, "", "return one caption per input, each taken from the batch.")
-        if any(w == c for w, c in zip(got, batch)):
-            return _report(False, "", f"for the batch {batch} you returned {got}: a mismatch must never equal "
-                           "the true caption, and a batch can repeat a caption (a shuffle is not enough).")
-    return _report(True, "Right: never the true caption, even with repeats in the batch.", "")
-
-
-def check_optimal_d(answer: float, p_data: float = 0.3, p_g: float = 0.1) -> bool:
-    """Exercise: the optimal discriminator's D*(x) where p_data(x) and p_g(x) are given."""
-    if _unanswered(answer):
-        return False
-    expected = p_data / (p_data + p_g)
-    return _report(abs(float(answer) - expected) < 1e-3, f"Right: D*(x) = {expected:.2f}.",
-                   "Maximise p_data log D + p_g log(1 - D) over D pointwise: set the derivative to zero.")
-
-
-# ---- 05_pipeline -------------------------------------------------------------------------------
-
-def _frechet_reference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), float64, symmetric roots."""
-    def sqrt_psd(m):
-        vals, vecs = torch.linalg.eigh(m)
-        return vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
-
-    a, b = a.double(), b.double()
-    sa, sb = torch.cov(a.T), torch.cov(b.T)
-    root = sqrt_psd(sa)
-    return ((a.mean(0) - b.mean(0)).square().sum() + (sa + sb - 2 * sqrt_psd(root @ sb @ root)).trace()).item()
-
-
-def check_frechet_distance(fn: Callable[[torch.Tensor, torch.Tensor], float]) -> bool:
-    """Exercise: the Fréchet distance between two feature sets, ``fn(a (N, F), b (M, F)) -> float``:
-    ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), S the (unbiased) covariances."""
-    if _unanswered(fn):
-        return False
-    g = torch.Generator().manual_seed(5)
-    cases = [(torch.randn(400, 3, generator=g), torch.randn(300, 3, generator=g) * 2 + 1),
-             (torch.randn(500, 8, generator=g) @ torch.randn(8, 8, generator=g), torch.randn(500, 8, generator=g))]
-    for a, b in cases:
-        try:
-            got = float(fn(a.clone(), b.clone()))
-        except Exception as err:
-            return _report(False, "", f"your function raised {type(err).__name__}: {err}")
-        expected = _frechet_reference(a, b)
-        if abs(got - expected) > 1e-3 * max(1.0, abs(expected)):
-            mean_term = (a.mean(0) - b.mean(0)).square().sum().item()
-            hint = ("the mean term alone? Add the covariance term." if abs(got - mean_term) < 1e-6
-                    else "use torch.cov(x.T) for the covariances and a matrix square root of S_a S_b (its trace is "
-                         "the sum of the square roots of its eigenvalues, torch.linalg.eigvals).")
-            return _report(False, "", f"expected {expected:.4f}, got {got:.4f}: {hint}")
-    try:
-        same = float(fn(cases[0][0], cases[0][0]))
-    except Exception as err:
-        return _report(False, "", f"your function raised {type(err).__name__}: {err}")
-    if abs(same) > 1e-4:
-        return _report(False, "", f"a set against itself should be at distance 0, got {same:.2e}.")
-    return _report(True, "Right: that is FID's formula, here on any features you choose.", "")
-
-
-def check_lerp_path(fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -> bool:
-    """Exercise: ``fn(a (D,), b (D,), steps) -> (steps, D)``, the straight path from a to b in
-    ``steps`` evenly spaced points, a first and b last."""
-    if _unanswered(fn):
-        return False
-    g = torch.Generator().manual_seed(6)
-    a, b = torch.randn(5, generator=g), torch.randn(5, generator=g)
-    for steps in (2, 5, 9):
-        try:
-            got = torch.as_tensor(fn(a.clone(), b.clone(), steps)).float()
-        except Exception as err:
-            return _report(False, "", f"your function raised {type(err).__name__}: {err}")
-        w = torch.linspace(0, 1, steps).unsqueeze(1)
-        expected = (1 - w) * a + w * b
-        if got.shape != expected.shape:
-            return _report(False, "", f"for steps={steps} expected shape {tuple(expected.shape)}, "
-                                      f"got {tuple(got.shape)}.")
-        if not torch.allclose(got, expected, atol=1e-5):
-            return _report(False, "", "point i is (1 - w_i) a + w_i b with w_i = i / (steps - 1): "
-                                      "the first is a, the last b.")
-    return _report(True, "Right: pipe.interpolate walks this path in the text embedding, with one fixed z.", "")
-
-
-def check_paraphrase(prompt: str, labels: dict, pipe, judge, seeds: int = 8, needed: int = 6) -> bool:
-    """Exercise: a prompt *outside* the caption grammar (``parse_caption`` rejects it) that the
-    pipeline still draws right: the judge must read ``labels`` (attribute -> word) in at least
-    ``needed`` of ``seeds`` images."""
-    from .data import ATTRIBUTES, parse_caption
-
-    if _unanswered(prompt) or _unanswered(labels):
-        return False
-    if set(labels) != set(ATTRIBUTES) or any(labels[a] not in ATTRIBUTES[a] for a in ATTRIBUTES):
-        return _report(False, "", "labels must give one word per attribute, e.g. {'shape': 'star', 'color': 'red', "
-                       "'size': 'large', 'position': 'center'}; words from ShapesDataset.ATTRIBUTES.")
-    try:
-        parse_caption(prompt)
-        return _report(False, "", f"{prompt!r} is inside the caption grammar (parse_caption reads it): reword it, "
-                       "with new words or a new sentence structure.")
-    except ValueError:
-        pass
-    images = pipe.generate([prompt] * seeds, seed=0) * 2 - 1
-    want = torch.tensor([ATTRIBUTES[a].index(labels[a]) for a in ATTRIBUTES])
-    right = int((judge.predict(images) == want).all(dim=1).sum())
-    return _report(right >= needed, f"Right: the judge reads {labels} in {right} of {seeds} images of a prompt the "
-                   "templates never used.", f"the judge reads all four attributes in {right} of {seeds} images "
-                   f"(need {needed}). Shape is the hardest; try another wording, or another shape.")
+__all__ = ["Exercise", "EXERCISES", "compare", "use", "ids", "out_of_reach", "read_response"]

@@ -1,4 +1,4 @@
-"""The ``textimg`` command (also ``python -m textimg``): train, generate, evaluate, train-judge.
+"""The ``textimg`` command (also ``python -m textimg``): train, generate, evaluate, train-judge, grade.
 
     textimg train --preset quick          # every stage in order; run it again to resume
     textimg train --preset cpu --out checkpoints          # remake the committed pipeline (and its manifest)
@@ -7,6 +7,7 @@
     textimg evaluate --json metrics.json                      # the metrics table, on screen and as JSON
     textimg evaluate --record --model DIR                     # re-measure and write the results into its pipeline.json
     textimg train-judge --out checkpoints/judge               # remake the committed judge (the instrument)
+    textimg grade submissions/ --csv grades.csv --json grades.json   # run and score a class's notebooks
 
 Without ``--model`` the committed checkpoints are used. Errors in the arguments or the files
 print one line naming the problem and exit with status 2 (bad arguments) or 1 (anything else).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textimg", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    sub = parser.add_subparsers(dest="command", metavar="{train,generate,evaluate,train-judge}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,generate,evaluate,train-judge,grade}")
     sub.required = True
 
     train = sub.add_parser("train", help="train every stage in order (resumable) and save the pipeline")
@@ -94,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cpu: the committed judge; quick: seconds")
     judge.add_argument("--device", default=None)
     judge.add_argument("--no-progress", action="store_true")
+
+    grade = sub.add_parser("grade", help="run submitted notebooks (untrusted) in the quick preset and score them")
+    grade.add_argument("submissions", nargs="*", type=Path,
+                       help="notebooks, or folders of them (one subfolder per student, or one notebook per student)")
+    grade.add_argument("--csv", type=Path, help="write one row per student, a column per exercise")
+    grade.add_argument("--json", type=Path, help="write every result, with each exercise's message")
+    grade.add_argument("--jobs", type=_positive_int, default=1, help="submissions graded at once (default 1)")
+    grade.add_argument("--timeout", type=_positive_int, default=600, help="seconds per notebook (default 600)")
+    grade.add_argument("--memory", type=float, default=8.0, help="GB of address space per submission (default 8)")
+    grade.add_argument("--isolation", choices=("auto", "namespace", "process"), default="auto",
+                       help="namespace: no network, read-only course, own PID space (default where available)")
+    grade.add_argument("--keep", type=Path, help="keep each executed notebook and its log here (feedback)")
+    grade.add_argument("--require", metavar="ID", help="with --from-json: exit 0 only if exercise ID has all its points")
+    grade.add_argument("--from-json", type=Path, help="read results written by an earlier --json instead of grading")
     return parser
 
 
@@ -205,6 +221,25 @@ def cmd_train_judge(args) -> int:
     return 0
 
 
+def cmd_grade(args) -> int:
+    from textimg import grading
+
+    if args.from_json:
+        if not args.require:
+            raise ValueError("--from-json needs --require ID")
+        ok = grading.passed(args.from_json, args.require)
+        print(f"{args.require}: {'all points' if ok else 'not all points'}")
+        return 0 if ok else 1
+    if not args.submissions:
+        raise ValueError("name at least one submitted notebook or folder")
+    limits = grading.Limits(timeout=args.timeout, memory_gb=args.memory,
+                            threads=max(1, (os.cpu_count() or 1) // args.jobs))
+    results = grading.grade(args.submissions, limits, args.isolation, args.jobs, args.keep)
+    print(grading.table(results))
+    grading.write_reports(results, args.csv, args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(argv) if argv is not None else sys.argv[1:]
@@ -215,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate,
-                    "train-judge": cmd_train_judge}
+                    "train-judge": cmd_train_judge, "grade": cmd_grade}
         return commands[args.command](args)
     except (FileNotFoundError, ChecksumError, TextEncoderNotFoundError, ValueError, TypeError, RuntimeError) as err:
         print(f"textimg {args.command}: error: {err}", file=sys.stderr)

@@ -298,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per notebook (default: the cores other programs leave free)")
     parser.add_argument("--relink", action="store_true", help="only rewrite Colab badges to textimg.REPO_URL")
+    parser.add_argument("--student", type=Path, metavar="DIR",
+                        help="only write the student notebooks (solutions removed, outputs cleared) into DIR")
+    parser.add_argument("--solutions", type=Path, metavar="DIR",
+                        help="only write the solution notebooks (solution markers removed) into DIR")
     args = parser.parse_args(argv)
 
     try:
@@ -305,6 +309,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.relink:
             changed = relink(folder)
             print(f"relinked {len(changed)} notebook(s) to {REPO_URL}")
+            return 0
+        if args.student or args.solutions:
+            from .classroom import write_versions
+
+            written = write_versions(course_notebooks(folder, args.only), args.student, args.solutions)
+            for target in (args.student, args.solutions):
+                if target is not None:
+                    n = sum(p.parent == target for p in written)
+                    print(f"wrote {n} {'student' if target == args.student else 'solution'} notebook(s) to {target}")
             return 0
         preset = get_preset(args.preset)
         paths = course_notebooks(folder, args.only)
@@ -362,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
                       "the next notebooks run on (they fall back to the committed checkpoints)", flush=True)
             record["notebooks"][path.stem] = {"status": status, "seconds": round(seconds, 1), "threads": threads,
                                               "source": source_hash(path)}
+            on_disk = read_record(out)  # another runner (--only) may have recorded other notebooks meanwhile
+            if on_disk.get("preset") == preset:
+                for name, entry in on_disk["notebooks"].items():
+                    if name not in {p.stem for p in todo}:
+                        record["notebooks"].setdefault(name, entry)
             save_json(record, out / RUN_RECORD)  # atomic: an interrupted run leaves the last notebook's record
             rows.append((path.name, status, seconds))
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -45,6 +46,11 @@ def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
     """
     m = mask.unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
     return (tokens * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (B, D)
+
+
+def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine similarity of every row of a (N, D) with every row of b (M, D) -> (N, M), in [-1, 1]."""
+    return F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
 
 
 @dataclass
