@@ -45,7 +45,8 @@ def test_versions_remove_or_keep_the_marked_solutions():
     assert solution.cells[1].source == "Q?\nModel answer."
 
 
-@pytest.mark.parametrize("source, problem", [("# BEGIN SOLUTION\nx = 1", "without"), ("x = 1\n# END SOLUTION", "without"),
+@pytest.mark.parametrize("source, problem", [("# BEGIN SOLUTION\nx = 1", "without"),
+                                             ("x = 1\n# END SOLUTION", "without"),
                                              ("print(1)  # SOLUTION", "only marks a line")])
 def test_a_broken_marker_names_its_cell(source, problem):
     with pytest.raises(ValueError, match=f"01_x, cell 0: .*{problem}"):
@@ -109,7 +110,7 @@ def _tree_hash(*paths: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.mark.skipif(not NAMESPACES, reason="no unprivileged user namespaces here (the process isolation is tested below)")
+@pytest.mark.skipif(not NAMESPACES, reason="no unprivileged user namespaces here (process isolation: tested below)")
 def test_the_grader_contains_hostile_submissions(tmp_path):
     subs = tmp_path / "subs"
     package = ROOT / "textimg"
@@ -127,7 +128,8 @@ def test_the_grader_contains_hostile_submissions(tmp_path):
         "checks.EXERCISES['00.1'].score = lambda response: (True, 'free points')\nchecks.check_num_compositions(1)",
         # its own copy of the package is its to break; the grader's is out of reach
         f"import pathlib, textimg.exercises\npathlib.Path(textimg.exercises.__file__).write_text('')\n"
-        f"try:\n    pathlib.Path({str(package / 'checks.py')!r}).write_text('')\nexcept OSError as err:\n    print(err)",
+        f"try:\n    pathlib.Path({str(package / 'checks.py')!r}).write_text('')\n"
+        "except OSError as err:\n    print(err)",
         "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=3)",  # no network: an error, no more
         *GOOD[2:],
         f"import os, signal\nos.kill({os.getpid()}, signal.SIGKILL)",  # the grader's pid: not in its PID space
@@ -160,7 +162,8 @@ def test_process_isolation_restores_the_graders_files_and_flags_the_student(tmp_
 
 def test_reports_and_the_classroom_exit_code(tmp_path):
     results = [grading.Result("ann", "00_introduction", "a.ipynb", points={"00.1": 2, "00.2": 0}),
-               grading.Result("ann", "01_text_encoding", "b.ipynb", points={"01.1": 3}, status="timed out after 600 s"),
+               grading.Result("ann", "01_text_encoding", "b.ipynb", points={"01.1": 3},
+                              status="timed out after 600 s"),
                grading.Result("bob", "00_introduction", "c.ipynb", points={"00.1": 2, "00.2": 2})]
     grading.write_reports(results, tmp_path / "g.csv", tmp_path / "g.json")
     rows = (tmp_path / "g.csv").read_text().splitlines()

@@ -25,7 +25,7 @@ RECORDS = {
     "judge": "checkpoints/judge/config.json",
     "run": "notebooks/RUN.json",  # textimg-course --inplace: the run whose outputs are committed
 }
-DOCS = ["README.md", "BENCHMARKS.md", "checkpoints/README.md", *sorted(
+DOCS = ["README.md", "BENCHMARKS.md", "checkpoints/README.md", "docs/instructors.md", *sorted(
     str(p.relative_to(ROOT)) for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))]
 MARKER = re.compile(r"(?:`(?P<word>[\w.-]+)`|(?P<date>\d{4}-\d{2}-\d{2})|(?P<num>-?\d[\d,]*(?:\.\d+)?)(?P<pct>\s?%)?)"
                     r"(?:\*\*)?<!--#(?P<record>[\w/-]+):(?P<key>[^\s>]+?)-->")

@@ -64,12 +64,35 @@ class Check:
         self.exercise.score = fn
         return fn
 
-    def __call__(self, answer) -> bool:
-        return run(self.exercise, answer)
+    def __call__(self, answer) -> "Verdict":
+        return Verdict(run(self.exercise, answer))
 
     def __repr__(self) -> str:
         e = self.exercise
         return f"<check {e.id} ({e.points} points): {e.title}>"
+
+
+class Verdict:
+    """A check's result: true or false like a bool, but a notebook cell ending in a check shows only
+    the check's own line, not an extra ``True``."""
+
+    def __init__(self, right: bool):
+        self.right = bool(right)
+
+    def __bool__(self) -> bool:
+        return self.right
+
+    def __eq__(self, other) -> bool:
+        return self.right == bool(other)
+
+    def __hash__(self) -> int:
+        return hash(self.right)
+
+    def __repr__(self) -> str:
+        return repr(self.right)
+
+    def _ipython_display_(self) -> None:  # IPython calls this instead of showing the repr
+        pass
 
 
 def exercise(id: str, points: int, title: str, kind: str, hints: tuple[str, str] = ("", ""),
@@ -137,7 +160,7 @@ def score_response(ex: Exercise, response) -> tuple[bool, str]:
 
 
 def _feedback(ex: Exercise, right: bool, message: str) -> None:
-    head = f"{ex.id} {ex.title} ({ex.points if right else 0}/{ex.points} points)"
+    head = f"{ex.id} {ex.title} ({ex.points if right else 0}/{ex.points} point{'s' * (ex.points != 1)})"
     if right:
         print(f"✅ {head}: {message}")
         return
@@ -241,19 +264,31 @@ def resolve(name: str) -> Callable:
 
 @contextmanager
 def out_of_reach(names: tuple[str, ...]):
-    """Inside, every function named in ``names`` raises when called, whatever name the caller holds
-    it by (its code object is swapped). Yields ``intact()``: False if the swap was undone meanwhile."""
-    swapped = []
+    """Inside, every function named in ``names`` raises when called. A Python function's code object
+    is swapped, so every name the caller holds it by is caught; a built-in (e.g. a torch function)
+    is replaced on its module, which catches ``module.function`` calls. Yields ``intact()``: False
+    if a swap was undone meanwhile."""
+    swapped, replaced = [], []
     try:
         for name in names:
-            fn = resolve(name)
+            try:
+                fn = resolve(name)
+            except TypeError:  # not a Python function
+                owner, attr = name.rsplit(".", 1)
+                owner = importlib.import_module(owner)
+                replaced.append((owner, attr, getattr(owner, attr)))
+                setattr(owner, attr, _stub)
+                continue
             stub = _stub.__code__.replace(co_name=fn.__code__.co_name, co_qualname=fn.__code__.co_qualname)
             swapped.append((fn, fn.__code__, stub))
             fn.__code__ = stub
-        yield lambda: all(fn.__code__ is stub for fn, _, stub in swapped)
+        yield lambda: (all(fn.__code__ is stub for fn, _, stub in swapped)
+                       and all(getattr(owner, attr) is _stub for owner, attr, _ in replaced))
     finally:
         for fn, code, _ in reversed(swapped):
             fn.__code__ = code
+        for owner, attr, original in reversed(replaced):
+            setattr(owner, attr, original)
 
 
 # ---- in notebooks ------------------------------------------------------------------------------
@@ -282,7 +317,7 @@ def ids(notebook: str | None = None) -> list[str]:
     import textimg.exercises  # noqa: F401  (registers them)
 
     prefix = None if notebook is None else notebook[:2]
-    return [i for i in EXERCISES if prefix is None or i.startswith(prefix + ".")]
+    return sorted(i for i in EXERCISES if prefix is None or i.startswith(prefix + "."))
 
 
 def __getattr__(name: str):  # checks.check_masked_mean and friends live in textimg.exercises

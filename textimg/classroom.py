@@ -90,7 +90,8 @@ def make_version(nb: nbformat.NotebookNode, name: str, student: bool) -> nbforma
     return nb
 
 
-def write_versions(notebooks: list[Path], student_dir: Path | None = None, solution_dir: Path | None = None) -> list[Path]:
+def write_versions(notebooks: list[Path], student_dir: Path | None = None,
+                   solution_dir: Path | None = None) -> list[Path]:
     """Writes the student and/or solution version of each notebook; returns the paths written."""
     written = []
     for path in notebooks:
@@ -112,3 +113,79 @@ def notebook_name(path: Path, nb: nbformat.NotebookNode | None = None) -> str | 
         return meta["notebook"]
     match = re.search(r"(?<!\d)(\d\d)_[A-Za-z]", path.name)
     return match.group(0)[:2] if match else None
+
+
+def classroom_workflow(repo_url: str, ref: str = "main", notebooks: list[str] | None = None) -> str:
+    """A GitHub Classroom workflow (``.github/workflows/classroom.yml`` in the assignment's template
+    repository): installs the course from the instructor's repository at ``ref`` (never from the
+    student's copy, whose package a student could edit), grades the student's ``notebooks/`` once,
+    then turns each exercise into one Classroom test worth its points."""
+    from .checks import EXERCISES, ids
+
+    chosen = [i for i in ids() if notebooks is None or i[:2] in {n[:2] for n in notebooks}]
+    owner_repo = repo_url.rstrip("/").removeprefix("https://github.com/")
+    steps = []
+    for i in chosen:
+        ex = EXERCISES[i]
+        steps.append(f"""      - name: "{i} {ex.title}"
+        id: ex-{i.replace('.', '-')}
+        uses: classroom-resources/autograding-command-grader@v1
+        with:
+          test-name: "{i} {ex.title}"
+          command: textimg grade --from-json grades.json --require {i}
+          timeout: 1
+          max-score: {ex.points}""")
+    runners = ",".join(f"ex-{i.replace('.', '-')}" for i in chosen)
+    keys = [i.replace(".", "-") for i in chosen]
+    env = "\n".join(f"          EX-{k}_RESULTS: \"${{{{steps.ex-{k}.outputs.result}}}}\"" for k in keys)
+    return f"""# GitHub Classroom autograding for the textimg course (written by `textimg-course --workflow`).
+# Put it in the assignment's template repository as .github/workflows/classroom.yml.
+name: Autograding
+on: [push, workflow_dispatch, repository_dispatch]
+permissions:
+  checks: write
+  actions: read
+  contents: read
+jobs:
+  grade:
+    runs-on: ubuntu-latest
+    timeout-minutes: 45
+    if: github.actor != 'github-classroom[bot]'
+    steps:
+      - uses: actions/checkout@v4  # the student's repository: only its notebooks/ are read
+      - uses: actions/checkout@v4  # the course, from the instructor's repository: the grader and its checks
+        with:
+          repository: {owner_repo}
+          ref: {ref}
+          path: .course
+      - uses: actions/setup-python@v5
+        with:
+          python-version: "3.11"
+      - name: Install the course (CPU-only torch)
+        run: |
+          pip install -q torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu
+          pip install -q -e .course
+      - name: Run and score the notebooks (quick preset, sandboxed)
+        run: textimg grade notebooks --jobs 2 --json grades.json --csv grades.csv
+{chr(10).join(steps)}
+      - name: Report
+        uses: classroom-resources/autograding-grading-reporter@v1
+        env:
+{env}
+        with:
+          runners: {runners}
+"""
+
+
+KINDS = {"build": "build it", "function": "write a function", "value": "answer", "predict": "predict, then run"}
+
+
+def exercise_table() -> str:
+    """The graded exercises as a markdown table (docs/instructors.md holds this table; a test keeps it in step)."""
+    from .checks import EXERCISES, ids
+
+    rows = ["| id | points | kind | exercise |", "|---|---|---|---|"]
+    for i in ids():
+        ex = EXERCISES[i]
+        rows.append(f"| {i} | {ex.points} | {KINDS[ex.kind]} | {ex.title} |")
+    return "\n".join(rows)

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--isolation", choices=("auto", "namespace", "process"), default="auto",
                        help="namespace: no network, read-only course, own PID space (default where available)")
     grade.add_argument("--keep", type=Path, help="keep each executed notebook and its log here (feedback)")
-    grade.add_argument("--require", metavar="ID", help="with --from-json: exit 0 only if exercise ID has all its points")
+    grade.add_argument("--require", metavar="ID",
+                       help="with --from-json: exit 0 only if exercise ID earned all its points")
     grade.add_argument("--from-json", type=Path, help="read results written by an earlier --json instead of grading")
     return parser
 

@@ -302,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only write the student notebooks (solutions removed, outputs cleared) into DIR")
     parser.add_argument("--solutions", type=Path, metavar="DIR",
                         help="only write the solution notebooks (solution markers removed) into DIR")
+    parser.add_argument("--workflow", type=Path, metavar="FILE",
+                        help="only write a GitHub Classroom workflow that grades the notebooks (docs/instructors.md)")
     args = parser.parse_args(argv)
 
     try:
@@ -309,6 +311,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.relink:
             changed = relink(folder)
             print(f"relinked {len(changed)} notebook(s) to {REPO_URL}")
+            return 0
+        if args.workflow:
+            from .classroom import classroom_workflow
+
+            args.workflow.parent.mkdir(parents=True, exist_ok=True)
+            args.workflow.write_text(classroom_workflow(REPO_URL, notebooks=args.only), encoding="utf-8")
+            which = "notebooks " + " ".join(args.only) if args.only else "every notebook"
+            print(f"wrote {args.workflow}: grades {which}"
+                  f" with the checks of {REPO_URL}")
             return 0
         if args.student or args.solutions:
             from .classroom import write_versions

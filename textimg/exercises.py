@@ -120,7 +120,7 @@ def _(answer):
 
 
 def _label_sets(n: int = 40) -> list[dict[str, int]]:
-    from .data import NUM_CLASSES, ATTRIBUTES
+    from .data import ATTRIBUTES, NUM_CLASSES
 
     g = torch.Generator().manual_seed(0)
     draws = torch.stack([torch.randint(k, (n,), generator=g) for k in NUM_CLASSES], dim=1)  # (n, 4)
@@ -161,7 +161,7 @@ def _pool_inputs():
     return tokens, mask
 
 
-@exercise("01.1", 3, "masked mean pooling", "build", reference=("textimg.text.masked_mean",),
+@exercise("01.2", 3, "masked mean pooling", "build", reference=("textimg.text.masked_mean",),
           hints=("Turn the mask into 0/1 weights of shape (B, T, 1), so it broadcasts over D.",
                  "Sum tokens * weights over the token axis, divide by the number of real tokens per caption."))
 def check_masked_mean(fn):
@@ -186,7 +186,7 @@ def _cosine_inputs():
     return torch.randn(3, 6, generator=g), torch.randn(4, 6, generator=g) * 5
 
 
-@exercise("01.2", 3, "caption similarity (cosine)", "build", reference=("textimg.text.cosine_matrix",),
+@exercise("01.3", 3, "caption similarity (cosine)", "build", reference=("textimg.text.cosine_matrix",),
           hints=("Cosine similarity is the dot product of the two vectors divided by both lengths.",
                  "Normalise the rows of a and of b to length 1, then one matrix product a @ b.T gives (N, M)."))
 def check_cosine_similarity(fn):
@@ -207,7 +207,7 @@ def _(got):
 TOKEN_TEXT = "a huge turquoise plus sign in the lower right corner"
 
 
-@exercise("01.3", 1, "predict the token count", "predict",
+@exercise("01.1", 1, "predict the token count", "predict",
           hints=("Every word of this caption is in the vocabulary: count the words.",
                  "Words, plus [CLS] at the start and [SEP] at the end."))
 def check_token_count(answer: int):
@@ -228,7 +228,7 @@ NEAREST_CANDIDATES = ["a small purple star in the top middle", "a small violet s
 
 @exercise("01.4", 2, "the nearest caption", "value",
           hints=("Encode the query and the candidates with text_encoder.encode and compare pooled vectors.",
-                 "Your cosine similarity from 01.2 on the pooled vectors; the answer is the argmax's index."))
+                 "Your cosine similarity from 01.3 on the pooled vectors; the answer is the argmax's index."))
 def check_nearest_caption(answer: int):
     """The index of the candidate whose pooled vector is most cosine-similar to the query's."""
     return answer
@@ -284,8 +284,9 @@ def _attention_inputs():
     return q, k, v, mask
 
 
-@exercise("02.2", 4, "word cross-attention with a padding mask", "build",
-          reference=("textimg.generator.WordCrossAttention.forward",),
+@exercise("02.3", 4, "word cross-attention with a padding mask", "build",
+          reference=("textimg.generator.WordCrossAttention.forward",
+                     "torch.nn.functional.scaled_dot_product_attention"),
           hints=("scores = q @ k^T / sqrt(d) has shape (B, N, T): one score per (region, word).",
                  "masked_fill the padded words' scores with -inf (mask[:, None, :]), softmax over T, then @ v."))
 def check_masked_attention(fn):
@@ -317,7 +318,7 @@ def _film_inputs():
     return torch.randn(2, 8, 4, 4, generator=g), torch.randn(2, 5, generator=g), layer
 
 
-@exercise("02.3", 3, "text-conditioned normalisation (FiLM)", "build",
+@exercise("02.2", 3, "text-conditioned normalisation (FiLM)", "build",
           reference=("textimg.generator.ConditionalNorm2d.forward",),
           hints=("norm(x) first; film(c) gives 2C numbers per sample: a scale part and a shift part.",
                  "gamma, beta = film(c)[:, :, None, None].chunk(2, dim=1); return norm(x) * (1 + gamma) + beta."))
@@ -484,7 +485,8 @@ def _(got):
                  "p = counts / counts.sum(); perplexity = exp(-sum p log p), skipping p = 0."))
 def check_perplexity(fn):
     """``fn(indices (any shape), K) -> float``: exp(entropy) of the code histogram."""
-    cases = [(torch.zeros(100, dtype=torch.long), 8), (torch.arange(8).repeat(5), 8), (torch.tensor([0, 0, 0, 1, 2, 2]), 4)]
+    cases = [(torch.zeros(100, dtype=torch.long), 8), (torch.arange(8).repeat(5), 8),
+             (torch.tensor([0, 0, 0, 1, 2, 2]), 4)]
     return [float(call(fn, idx, k)) for idx, k in cases]
 
 
@@ -543,7 +545,7 @@ def _loss_cases():
             (torch.randn(64, generator=g) * 5, torch.randn(64, generator=g) * 5, torch.randn(64, generator=g) * 5)]
 
 
-@exercise("04.1", 3, "GAN-CLS discriminator loss", "build", reference=("textimg.gan.d_loss_bce",),
+@exercise("04.2", 3, "GAN-CLS discriminator loss", "build", reference=("textimg.gan.d_loss_bce",),
           hints=("From logits: -log D = softplus(-l) and -log(1 - D) = softplus(l), each averaged over the batch.",
                  "real term + 0.5 * (fake term + wrong-caption term): the two kinds of fake share one weight."))
 def check_d_loss_cls(fn):
@@ -595,10 +597,11 @@ def _params(module) -> dict:
     return {k: v.detach().clone() for k, v in module.named_parameters()}
 
 
-@exercise("04.2", 5, "one d_step and one g_step", "build", reference=("textimg.gan.d_step", "textimg.gan.g_step"),
+@exercise("04.3", 5, "one d_step and one g_step", "build", reference=("textimg.gan.d_step", "textimg.gan.g_step"),
           hints=("d_step: zero D's gradients; real = D(x_real, text, wrong_text); fake = D(x_fake.detach(), text); "
                  "loss from real.logits, fake.logits, real.wrong_logits; backward; step.",
-                 "g_step: zero G's gradients; x_fake = G(z, text); loss = non-saturating L_G of D(x_fake, text).logits; "
+                 "g_step: zero G's gradients; x_fake = G(z, text); loss = non-saturating L_G of "
+                 "D(x_fake, text).logits; "
                  "backward; step G's optimizer only. Freeze D meanwhile (requires_grad_(False)), then unfreeze."))
 def check_gan_steps(steps):
     """``(d_step, g_step)``: ``d_step(D, d_opt, x_real, x_fake, text, wrong_text) -> dict`` and
@@ -642,12 +645,12 @@ def _(got):
     return True, "two rounds of D then G match the package, and each step moves only its own network."
 
 
-@exercise("04.3", 3, "hinge loss with a wrong caption", "function", reference=("textimg.gan.d_loss_hinge",),
+@exercise("04.4", 3, "hinge loss with a wrong caption", "function", reference=("textimg.gan.d_loss_hinge",),
           hints=("The hinge loss asks real logits above +1 and fake logits below -1: relu(1 - l) and relu(1 + l).",
                  "relu(1 - real).mean() + 0.5 * (relu(1 + fake).mean() + relu(1 + wrong).mean())."))
 def check_d_loss_hinge(fn):
     """``fn(real_logits, fake_logits, wrong_logits) -> scalar``: the hinge D loss with GAN-CLS's wrong-caption
-    term weighted as in 04.1."""
+    term weighted as in 04.2."""
     return [call(fn, *case) for case in _loss_cases()]
 
 
@@ -672,7 +675,7 @@ def _mismatch_batches() -> list[list[str]]:
     return [b for b in batches if len(set(b)) > 1]
 
 
-@exercise("04.4", 3, "mismatched captions", "function",
+@exercise("04.5", 3, "mismatched captions", "function",
           reference=("textimg.gan.mismatched_captions", "textimg.gan.mismatched_indices"),
           hints=("A shuffle can hand a caption back to itself, or to an equal caption elsewhere in the batch.",
                  "For each caption, pick at random among the batch's captions that differ from it."))
@@ -692,7 +695,7 @@ def _(got):
     return True, "never the true caption, even with repeats in the batch."
 
 
-@exercise("04.5", 1, "predict the optimal discriminator", "predict",
+@exercise("04.1", 1, "predict the optimal discriminator", "predict",
           hints=("For fixed G, D maximises p_data log D + p_g log(1 - D) at each x.",
                  "Set the derivative to zero: D* = p_data / (p_data + p_g)."))
 def check_optimal_d(answer: float):

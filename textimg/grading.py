@@ -377,7 +377,8 @@ def table(results: list[Result]) -> str:
             cells.append("-".rjust(7) if r is None else f"{r.total}/{_max(r)}".rjust(7))
         total = sum(r.total for r in rs.values())
         maximum = sum(_max(r) for r in rs.values())
-        notes = "; ".join(f"{r.notebook or Path(r.file).name}: {r.status}" for r in rs.values() if r.status != "graded")
+        notes = "; ".join(f"{r.notebook or Path(r.file).name}: {r.status}"
+                          for r in rs.values() if r.status != "graded")
         lines.append(f"{student.ljust(width)}  " + "  ".join(cells) + f"  {total:>3}/{maximum:<3}" +
                      (f"  ({notes})" if notes else ""))
     return "\n".join(lines)
