@@ -86,10 +86,11 @@ def test_course_student_command(tmp_path, capsys):
 # ---- the grader --------------------------------------------------------------------------------
 
 GOOD = [
-    "from textimg import checks\nfrom textimg.data import ATTRIBUTES, HELDOUT",
+    "from textimg import checks\nfrom textimg.data import ATTRIBUTES",
     "checks.check_num_compositions(756)",
     "checks.check_caption_for('a big turquoise plus sign in the lower right')",
-    "checks.check_heldout_pairs(set(HELDOUT))",
+    "from textimg.data import ShapesDataset\nlabels = ShapesDataset(1000, split='train', seed=0).labels_tensor()\n"
+    "checks.check_bottom_row_count(int(((labels[:, 2] == 1) & (labels[:, 3] >= 6)).sum()))",
     "def my_caption(labels):\n    w = {a: ATTRIBUTES[a][i] for a, i in labels.items()}\n"
     "    return f\"a {w['size']} {w['color']} {w['shape']} in the {w['position']}\"\n\n\n"
     "checks.check_caption_writer(my_caption)",
@@ -209,3 +210,15 @@ def test_solution_notebooks_score_full_marks_and_student_notebooks_zero(tmp_path
             if mine.cell_type == "code" and "# NBVAL_CHECK_OUTPUT" in mine.source:
                 text = lambda cell: "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")  # noqa: E731
                 assert text(mine) == text(theirs), (path.name, mine.source[:60])
+
+
+def test_the_guide_and_the_workflow_are_in_step_with_the_exercises():
+    from textimg import REPO_URL
+    from textimg.classroom import classroom_workflow, exercise_table
+
+    assert exercise_table() in (ROOT / "docs" / "instructors.md").read_text(encoding="utf-8")
+    committed = (ROOT / "docs" / "classroom" / "classroom.yml").read_text(encoding="utf-8")
+    assert committed == classroom_workflow(REPO_URL), "run: textimg-course --workflow docs/classroom/classroom.yml"
+    for i in checks.ids():
+        assert f"--require {i}" in committed and f"max-score: {checks.EXERCISES[i].points}" in committed
+    assert "pip install -q -e \".course[grade]\"" in committed

@@ -164,7 +164,7 @@ jobs:
       - name: Install the course (CPU-only torch)
         run: |
           pip install -q torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu
-          pip install -q -e .course
+          pip install -q -e ".course[grade]"
       - name: Run and score the notebooks (quick preset, sandboxed)
         run: textimg grade notebooks --jobs 2 --json grades.json --csv grades.csv
 {chr(10).join(steps)}

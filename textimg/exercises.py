@@ -101,22 +101,28 @@ def _(caption):
                            else f"{caption!r} parses to {want}.")
 
 
-@exercise("00.3", 2, "the held-out pairs, found in the data", "value",
-          hints=("Count (color, shape) pairs over a few thousand train items: labels_tensor() draws no images.",
-                 "A pair whose count is 0 in a large train split is held out; there are as many as in HELDOUT."))
-def check_heldout_pairs(answer):
-    """Which (color, shape) pairs never appear in the train split? A set of (color, shape) word pairs."""
-    return [list(p) for p in answer]
+BOTTOM_ROW = ("bottom left", "bottom", "bottom right")
 
 
-@check_heldout_pairs.scorer
+@exercise("00.3", 2, "counting in the labels", "value",
+          hints=("labels_tensor() gives one row per item, (shape, color, size, position) as indices, and draws "
+                 "no image.",
+                 "Turn the words into indices with ShapesDataset.ATTRIBUTES; combine two boolean masks with &."))
+def check_bottom_row_count(answer: int):
+    """How many of ``ShapesDataset(1000, split="train", seed=0)``'s items show a large shape in the bottom
+    row (bottom left, bottom or bottom right)?"""
+    return answer
+
+
+@check_bottom_row_count.scorer
 def _(answer):
-    from .data import HELDOUT
+    from .data import ATTRIBUTES, ShapesDataset
 
-    expected = {tuple(p) for p in HELDOUT}
-    got = {tuple(p) for p in answer}
-    return got == expected, (f"{len(expected)} held-out pairs." if got == expected else
-                             f"you listed {len(got)} pairs, {len(got & expected)} of them right.")
+    labels = ShapesDataset(1000, split="train", seed=0).labels_tensor()  # (N, 4)
+    large = labels[:, 2] == ATTRIBUTES["size"].index("large")
+    bottom = torch.isin(labels[:, 3], torch.tensor([ATTRIBUTES["position"].index(p) for p in BOTTOM_ROW]))
+    expected = int((large & bottom).sum())
+    return int(_number(answer)) == expected, f"{expected} of 1,000 items."
 
 
 def _label_sets(n: int = 40) -> list[dict[str, int]]:

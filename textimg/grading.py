@@ -32,7 +32,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import checks
 from .classroom import notebook_name
 
 PACKAGE = Path(__file__).resolve().parent
@@ -183,6 +182,8 @@ def grade_one(submission: Path, student: str, limits: Limits, isolation: str, sc
     """Runs one submission in its sandbox and scores its responses in this process."""
     import nbformat
 
+    from . import checks
+
     result = Result(student, "", str(submission))
     try:
         nb = nbformat.read(submission, as_version=4)
@@ -254,6 +255,8 @@ def grade_one(submission: Path, student: str, limits: Limits, isolation: str, sc
 
 
 def _score(exercise_id: str, path: Path) -> tuple[int, str]:
+    from . import checks
+
     ex = checks.EXERCISES[exercise_id]
     if not path.is_file():
         return 0, "not reached: the notebook stopped before this check, or its check was not called"
@@ -335,6 +338,7 @@ def collect(paths: list[Path]) -> list[tuple[str, Path]]:
 def grade(paths: list[Path], limits: Limits | None = None, isolation: str = "auto", jobs: int = 1,
           keep: Path | None = None, progress=print) -> list[Result]:
     """Grades every submission found in ``paths``; ``jobs`` submissions run at once."""
+
     limits = limits or Limits()
     if isolation == "auto":
         isolation = "namespace" if namespaces_available() else "process"
@@ -358,6 +362,8 @@ def grade(paths: list[Path], limits: Limits | None = None, isolation: str = "aut
 
 
 def _max(r: Result) -> int:
+    from . import checks
+
     return sum(checks.EXERCISES[i].points for i in r.points)
 
 
@@ -410,6 +416,8 @@ def write_reports(results: list[Result], csv_path: Path | None = None, json_path
 def passed(json_path: Path, exercise_id: str) -> bool:
     """From a grades JSON: did every submission earn all points of one exercise (GitHub Classroom's
     per-test exit code)?"""
+    from . import checks
+
     results = json.loads(Path(json_path).read_text(encoding="utf-8"))
     scores = [r["points"][exercise_id] for r in results if exercise_id in r.get("points", {})]
     return bool(scores) and all(s == checks.EXERCISES[exercise_id].points for s in scores)
