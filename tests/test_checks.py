@@ -141,7 +141,7 @@ def solution(ex_id):
     if ex_id == "00.3":
         return bottom_row_count()
     if ex_id == "02.4":
-        from textimg.exercises import _mse_images
+        from textimg.exercises.generation import _mse_images
 
         return _mse_images().mean(0)
     if ex_id == "03.5":

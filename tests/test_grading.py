@@ -136,7 +136,7 @@ def test_the_grader_contains_hostile_submissions(tmp_path):
         f"import os, signal\nos.kill({os.getpid()}, signal.SIGKILL)",  # the grader's pid: not in its PID space
     ])
     before = _tree_hash(package, ROOT / "checkpoints")
-    results = grade([subs], Limits(timeout=100, cell_timeout=30, memory_gb=8), isolation="namespace", jobs=2)
+    results = grade([subs], Limits(timeout=75, cell_timeout=25, memory_gb=8), isolation="namespace", jobs=2)
     assert _tree_hash(package, ROOT / "checkpoints") == before
     got = {r.student: (r.total, r.status.split(" ")[0]) for r in results}
     assert got == {"full": (9, "graded"), "one_wrong": (7, "graded"), "loop": (9, "graded"),
@@ -222,3 +222,14 @@ def test_the_guide_and_the_workflow_are_in_step_with_the_exercises():
     for i in checks.ids():
         assert f"--require {i}" in committed and f"max-score: {checks.EXERCISES[i].points}" in committed
     assert "pip install -q -e \".course[grade]\"" in committed
+
+
+def test_grade_command_line_errors(tmp_path, capsys):
+    from textimg.cli import main
+
+    assert main(["grade"]) == 1
+    assert "name at least one submitted notebook" in capsys.readouterr().err
+    assert main(["grade", str(tmp_path / "missing.ipynb")]) == 1
+    assert "no such file or folder" in capsys.readouterr().err
+    assert main(["grade", "--from-json", str(tmp_path / "g.json")]) == 1
+    assert "--require" in capsys.readouterr().err

@@ -10,8 +10,8 @@ An :class:`Exercise` has an id ("01.2"), points, two hints and two halves:
   notebook it runs right after ``respond``, for feedback; under the grader, the response is also
   written to a file, and the grader scores it again in its own process, where the points count.
 
-The exercises themselves are in :mod:`textimg.exercises`; ``checks.check_masked_mean`` and the
-other ``check_*`` names are found there.
+The exercises themselves are in :mod:`textimg.exercises`, one module per notebook;
+``checks.check_masked_mean`` and the other ``check_*`` names are found there.
 """
 
 from __future__ import annotations
@@ -221,6 +221,28 @@ def tensor(value, shape: tuple | None = None, name: str = "your result") -> torc
     if shape is not None and tuple(value.shape) != tuple(shape):
         raise ValueError(f"{name} should have shape {tuple(shape)}, got {tuple(value.shape)}")
     return value.float()
+
+
+def close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4) -> bool:
+    """Same shape and values within ``atol`` (and a relative 1e-4)."""
+    return a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=atol, rtol=1e-4)
+
+
+def number(value, name: str = "your answer") -> float:
+    """A response that should be one number."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} should be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def scalar(value) -> torch.Tensor:
+    """A loss response: a tensor holding one number."""
+    t = tensor(value, name="your loss")
+    if t.numel() != 1:
+        raise ValueError(f"your loss should be one number (a scalar), got shape {tuple(t.shape)}")
+    return t.reshape(())
 
 
 def _unanswered(answer) -> bool:

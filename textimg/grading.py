@@ -20,6 +20,7 @@ import csv
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -94,8 +95,9 @@ def _namespace_wrapper(scratch: Path, scratch_root: Path) -> list[str]:
     binds, then the submission's own folder writable again."""
     script = ["ip link set lo up"]
     for p in _read_only_paths(scratch_root):
-        script.append(f"mount --bind -o ro '{p}' '{p}'")
-    script += [f"mount --bind '{scratch}' '{scratch}'", f"mount -o remount,bind,rw '{scratch}'", 'exec "$@"']
+        script.append(f"mount --bind -o ro {shlex.quote(str(p))} {shlex.quote(str(p))}")
+    s = shlex.quote(str(scratch))
+    script += [f"mount --bind {s} {s}", f"mount -o remount,bind,rw {s}", 'exec "$@"']
     return ["unshare", "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "--mount-proc",
             "sh", "-ec", "; ".join(script), "sh"]
 
