@@ -20,6 +20,23 @@ def test_ablate_gan_runs_every_variant(tmp_path, monkeypatch):
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
 
 
+def test_ablate_variety_runs_every_variant_and_merges_its_record(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import ablate_variety
+
+    out = tmp_path / "variety.json"
+    tiny = ["--preset", "quick", "--steps", "2", "--num-train", "64", "--num-eval", "8", "--json", str(out)]
+    first = ablate_variety.main([*tiny, "--only", "templates", "rich_ms"])
+    assert list(first["variants"]) == ["templates", "rich_ms"]
+    results = ablate_variety.main([*tiny, "--only", "rich", "rich_ms_small", "rich_mbstd"])  # added to the record
+    assert sorted(results["variants"]) == sorted(ablate_variety.VARIANTS)
+    for row in results["variants"].values():
+        for part in ("templates", "rich", "structures", "heldout"):
+            assert 0 <= row[part]["all"] <= row[part]["shape"] <= 1
+        assert row["diversity"] > 0 and row["diversity_real"] > 0 and row["fid"] > row["fid_floor"] > 0
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+
+
 def test_gpu_estimate_counts_flops_and_kernels(monkeypatch):
     """estimate_gpu's two counts on a step whose cost is known by hand: a linear layer, forward and backward."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))

@@ -9,14 +9,15 @@ import sys
 import pytest
 from PIL import Image
 
-from textimg.cli import main
+from textimg.cli import main, training_grammar
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """`textimg train --preset quick` into a fresh directory."""
+    """`textimg train --preset quick --grammar rich` into a fresh directory."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    assert main(["train", "--preset", "quick", "--out", str(out), "--num-train", "64", "--no-progress"]) == 0
+    assert main(["train", "--preset", "quick", "--out", str(out), "--num-train", "64", "--grammar", "rich",
+                 "--no-progress"]) == 0
     return out
 
 
@@ -30,10 +31,12 @@ def test_train_writes_every_stage_and_resumes(trained, capsys):
         assert (trained / "training" / name).is_file(), name
     assert json.loads((trained / "train_config.json").read_text())["preset"] == "quick"
     recorded = json.loads((pipeline / "pipeline.json").read_text())
-    argv = ["train", "--preset", "quick", "--out", str(trained), "--num-train", "64", "--no-progress"]
+    argv = ["train", "--preset", "quick", "--out", str(trained), "--num-train", "64", "--grammar", "rich",
+            "--no-progress"]
     assert recorded["training"]["command"] == "textimg " + shlex.join(argv)  # recorded as it was typed
+    assert recorded["training"]["config"]["grammar"] == "rich"
     capsys.readouterr()
-    assert main(["train", "--preset", "quick", "--out", str(trained), "--num-train", "64", "--no-progress"]) == 0
+    assert main(argv) == 0
     assert capsys.readouterr().out.count("(done, skipped)") == 3
 
 
@@ -76,6 +79,7 @@ def test_evaluate_record_writes_the_measurements_into_the_pipeline(trained, caps
     assert record["evaluated"]["command"] == "textimg evaluate --record --num-samples 8"
     assert record["test"]["images"] == record["test_bicubic"]["images"] == 8 and record["test_32"]["size"] == 32
     assert record["training"]["command"].startswith("textimg train")  # what training recorded is kept
+    assert training_grammar(pipeline) == "rich" and training_grammar(None) == "templates"  # committed: templates
     assert (pipeline / "generator" / "model.safetensors").read_bytes() == weights
     assert main(["generate", "--model", str(pipeline), "a small red circle at the top left",
                  "--out", str(trained / "after.png")]) == 0  # still loads: hashes agree
@@ -86,6 +90,7 @@ def test_evaluate_record_writes_the_measurements_into_the_pipeline(trained, caps
     ["paint"],
     ["train", "--preset", "huge"],
     ["train", "--gan-steps", "0"],
+    ["train", "--grammar", "heldout"],
     ["generate", "x", "--seed", "abc"],
     ["generate", "x", "--per-prompt", "-1"],
     ["evaluate", "--num-samples", "many"],
@@ -138,7 +143,7 @@ def test_train_judge_needs_an_output_directory(capsys):
 
 def test_python_dash_m_runs_the_same_command():
     done = subprocess.run([sys.executable, "-m", "textimg", "--help"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "{train,generate,evaluate,train-judge}" in done.stdout
+    assert done.returncode == 0 and "{train,generate,evaluate,train-judge,grade}" in done.stdout
 
 
 def test_inception_fid_without_torch_fidelity_is_a_clear_error(capsys):

@@ -80,6 +80,7 @@ def test_a_failed_notebook_is_reported_and_the_run_goes_on_then_resumes(tmp_path
     assert record["preset"] == "quick" and {k: v["status"] for k, v in record["notebooks"].items()} == \
         {"00_first": "ok", "01_broken": "failed", "02_last": "ok"}
     assert record["notebooks"]["00_first"]["threads"] == 1
+    assert all(v["commit"] == record["commit"] and v["date"] == record["date"] for v in record["notebooks"].values())
 
     # the learner fixes the notebook and runs the command again: only it runs
     _tiny_notebook(folder / "01_broken.ipynb", "print('fixed')", markdown="## 3. Dividing")

@@ -15,8 +15,11 @@ from PIL import Image
 from textimg.data import (
     ATTRIBUTES,
     CAPTION_TEMPLATES,
+    GRAMMARS,
     HELDOUT,
+    HELDOUT_STRUCTURES,
     PALETTE,
+    RICH_STRUCTURES,
     SYNONYMS,
     CaptionedClassDataset,
     HFImageCaptionDataset,
@@ -114,9 +117,58 @@ def test_make_caption_canonical_random_and_errors():
         make_caption({"shape": 0, "color": 0, "size": -1, "position": 0})
 
 
+def test_the_rich_grammar_and_its_held_out_structures():
+    assert RICH_STRUCTURES[:len(CAPTION_TEMPLATES)] == CAPTION_TEMPLATES and len(RICH_STRUCTURES) >= 20
+    assert not set(RICH_STRUCTURES) & set(HELDOUT_STRUCTURES)
+    slots = {"{shape}", "{color}", "{size}", "{position}"}
+    for structure in RICH_STRUCTURES + HELDOUT_STRUCTURES:
+        assert all(structure.count(s) == 1 for s in slots), structure
+    # held out are the *structures*, not the words: every word of one appears in a training structure
+    trained = {w for t in RICH_STRUCTURES for w in t.replace(",", " ").replace(";", " ").replace(":", " ").split()}
+    for structure in HELDOUT_STRUCTURES:
+        new = {w for w in structure.replace(",", " ").replace(";", " ").replace(":", " ").split()} - trained
+        assert not new, f"{structure!r} uses words no training structure has: {new}"
+    # the position comes first in some training structures, and the attributes in other orders
+    assert any(t.startswith("{position}") for t in RICH_STRUCTURES)
+    assert any(t.index("{color}") < t.index("{size}") for t in RICH_STRUCTURES)
+
+
+@pytest.mark.parametrize("grammar", ["rich", "heldout"])
+def test_parse_caption_reads_every_caption_of_the_other_grammars(grammar):
+    rng = np.random.default_rng(0)
+    seen_structures, written = set(), set()
+    for _ in range(3000):
+        labels = {a: int(rng.integers(len(v))) for a, v in ATTRIBUTES.items()}
+        caption = make_caption(labels, rng=rng, grammar=grammar)
+        assert parse_caption(caption) == labels, caption
+        written |= {caption[0].isupper(), caption.endswith("."), "-" in caption}
+    for k, structure in enumerate(GRAMMARS[grammar]):
+        labels = {"shape": 0, "color": 1, "size": 0, "position": 0}  # orange: "an orange", never "a orange"
+        caption = make_caption(labels, template=k, grammar=grammar)
+        assert parse_caption(caption) == labels and " a orange" not in f" {caption}", caption
+        seen_structures.add(structure)
+    assert written == {True, False} and len(seen_structures) == len(GRAMMARS[grammar])
+
+
+def test_grammars_change_the_words_never_the_pixels_or_labels():
+    plain, rich = ShapesDataset(40, split="test"), ShapesDataset(40, split="test", grammar="rich")
+    held = ShapesDataset(40, split="test", grammar="heldout")
+    assert torch.equal(plain[3]["image"], rich[3]["image"]) and torch.equal(plain[3]["image"], held[3]["image"])
+    assert torch.equal(plain.labels_tensor(), held.labels_tensor())
+    assert plain.captions() != rich.captions() != held.captions()
+    assert [parse_caption(c) for c in held.captions()] == [parse_caption(c) for c in plain.captions()]
+    assert "grammar='rich'" in repr(rich) and "grammar" not in repr(plain)
+    with pytest.raises(ValueError, match="unknown grammar 'fancy'"):
+        ShapesDataset(4, grammar="fancy")
+    with pytest.raises(ValueError, match="unknown grammar"):
+        make_caption({"shape": 0, "color": 0, "size": 0, "position": 0}, grammar="fancy")
+    with pytest.raises(ValueError, match="index into the 6 structures of grammar 'heldout'"):
+        make_caption({"shape": 0, "color": 0, "size": 0, "position": 0}, template=6, grammar="heldout")
+
+
 def test_dataset_card_lists_the_grammar():
     card = DATA_README.read_text(encoding="utf-8")
-    for text in [*CAPTION_TEMPLATES, *(f"{c} {s}" for c, s in HELDOUT)]:
+    for text in [*RICH_STRUCTURES, *HELDOUT_STRUCTURES, *(f"{c} {s}" for c, s in HELDOUT)]:
         assert text in card, f"data/README.md does not mention {text!r}"
     for forms in SYNONYMS.values():
         for words in forms.values():

@@ -15,6 +15,7 @@ from textimg.discriminator import (
     apply_augment,
     augment_params,
     diff_augment,
+    minibatch_std,
     parse_policy,
 )
 
@@ -113,6 +114,29 @@ def test_attribute_head_reads_the_features():
 
 
 # --- the PatchGAN ---------------------------------------------------------------------------------
+
+def test_minibatch_std_by_hand():
+    h = torch.arange(8 * 2 * 1 * 1, dtype=torch.float32).view(8, 2, 1, 1)  # image i, feature c: 2i + c
+    out = minibatch_std(h, group=4)
+    assert out.shape == (8, 3, 1, 1) and torch.equal(out[:, :2], h)
+    # groups are strided: images {0, 2, 4, 6} and {1, 3, 5, 7}; each feature's population std is
+    # std(0, 4, 8, 12) = sqrt(20) in both groups
+    assert torch.allclose(out[:, 2].flatten(), torch.full((8,), 20 ** 0.5), atol=1e-4)
+    copies = minibatch_std(torch.ones(4, 3, 4, 4).mul(torch.randn(1, 3, 4, 4)))  # four identical images
+    assert copies[:, 3].abs().max() < 1e-3  # no spread: the telltale zero
+    assert minibatch_std(torch.randn(6, 2, 4, 4), group=4).shape == (6, 3, 4, 4)  # groups of 3 divide 6
+    assert minibatch_std(torch.randn(1, 2, 4, 4))[:, 2].eq(0).all()  # one image: no spread to measure
+
+
+def test_minibatch_std_option_adds_one_channel_and_couples_the_batch():
+    d = tiny_d(minibatch_std=True)
+    assert d.fc.in_features == tiny_d().fc.in_features + 16  # one more 4x4 channel
+    x, text = images(4), random_text(4)
+    alone = d(x[:1], text[:1]).logits
+    together = d(x, text).logits
+    assert together.shape == (4,) and not torch.allclose(alone, together[:1])  # the others' spread counts
+    assert DiscriminatorConfig.from_dict(d.cfg.to_dict()).minibatch_std
+
 
 def test_patch_discriminator_shapes():
     x = images(2, size=64)

@@ -30,6 +30,7 @@ from textimg.gan import (
     g_step,
     mismatched_captions,
     mismatched_indices,
+    mode_seeking_loss,
     r1_penalty,
     train_gan,
 )
@@ -271,7 +272,7 @@ def test_d_step_changes_only_d_and_g_step_only_g(tiny_bert):
 
     d_before, d_grads = snapshot(d), [p.grad.clone() for p in d.parameters()]
     stats = g_step(g, d, g_opt, z, text, cfg=cfg, engine=seeded_engine(1))
-    assert set(stats) == {"g_loss", "g_adv", "g_aux", "kl", "d_fake_g"}
+    assert set(stats) == {"g_loss", "g_adv", "g_aux", "kl", "ms", "d_fake_g"} and stats["ms"] == 0
     assert all(isinstance(v, float) and math.isfinite(v) for v in stats.values())
     assert same(snapshot(d), d_before)  # parameters *and* spectral norm's u, v buffers
     assert all(torch.equal(p.grad, grad) for p, grad in zip(d.parameters(), d_grads))  # no gradient added to D
@@ -679,3 +680,44 @@ def test_train_gan_with_the_aux_head(tiny_bert, shapes32):
     captions_only = [{"image": shapes32[i]["image"], "caption": shapes32[i]["caption"]} for i in range(8)]
     with pytest.raises(ValueError, match="'labels' dict"):
         train_gan(tiny_g(), tiny_d(num_classes=NUM_CLASSES), tiny_bert, captions_only, CFG, steps=1, progress=False)
+
+
+# --- variety: mode seeking ------------------------------------------------------------------------
+
+def test_mode_seeking_loss_by_hand():
+    z1, z2 = torch.zeros(2, 4), torch.ones(2, 4)  # mean |z1 - z2| = 1 for both pairs
+    x1 = torch.zeros(2, 3, 2, 2)
+    x2 = torch.stack([torch.full((3, 2, 2), 0.5), torch.full((3, 2, 2), 1.5)])  # mean |x1 - x2|: 0.5, 1.5
+    assert mode_seeking_loss(x1, x2, z1, z2, eps=0).item() == pytest.approx(1 / 1.0)  # ratio (0.5 + 1.5) / 2
+    assert mode_seeking_loss(x1, x2, z1, 2 * z2, eps=0).item() == pytest.approx(2.0)  # twice the noise distance
+    copies = mode_seeking_loss(x1, x1, z1, z2)  # G ignores its noise: the loss is as large as eps allows
+    assert copies.item() == pytest.approx(1e5)
+    x2.requires_grad_(True)
+    mode_seeking_loss(x1, x2, z1, z2).backward()
+    assert (x2.grad < 0).all()  # descending the loss pushes x2 away from x1
+
+
+def test_g_step_with_mode_seeking_draws_from_the_engine_and_trains_only_g(tiny_bert):
+    text, z = tiny_bert.encode(CAPTIONS), torch.randn(4, 16)
+    cfg = GANTrainConfig(augment="", ms_weight=1.0)
+    runs = []
+    for _ in range(2):
+        g, d = tiny_g(), tiny_d()
+        d_before = snapshot(d)
+        state = torch.get_rng_state()
+        stats = g_step(g, d, torch.optim.Adam(g.parameters(), 1e-3), z, text, cfg=cfg, engine=seeded_engine(3))
+        assert torch.equal(torch.get_rng_state(), state) and same(snapshot(d), d_before)
+        assert stats["ms"] > 0
+        assert stats["g_loss"] == pytest.approx(stats["g_adv"] + stats["kl"] + stats["ms"], rel=1e-5)
+        runs.append((stats, snapshot(g)))
+    assert runs[0][0] == runs[1][0] and same(runs[0][1], runs[1][1])  # the second z comes from the engine
+    plain = g_step(tiny_g(), tiny_d(), torch.optim.Adam(tiny_g().parameters(), 1e-3), z, text,
+                   cfg=GANTrainConfig(augment=""), engine=seeded_engine(3))
+    assert plain["g_adv"] == pytest.approx(runs[0][0]["g_adv"])  # the same first draw: the loss only adds a term
+
+
+def test_train_gan_with_mode_seeking_logs_it(tiny_bert, shapes32):
+    cfg = GANTrainConfig(batch_size=4, augment="", ms_weight=0.5)
+    h = train_gan(tiny_g(), tiny_d(minibatch_std=True), tiny_bert, shapes32, cfg, steps=2, progress=False,
+                  log_every=1)
+    assert len(h["ms"]) == 2 and all(v > 0 for v in h["ms"])

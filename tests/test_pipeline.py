@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from textimg.config import MANIFEST, PIPELINE_DIR
+from textimg.data import ShapesDataset, parse_caption
 from textimg.generator import Generator, GeneratorConfig
 from textimg.pipeline import PipelineTrainConfig, TextToImagePipeline, evaluate_pipeline, metrics_table, train_pipeline
 from textimg.refiner import Refiner, RefinerConfig, bicubic
@@ -225,7 +226,7 @@ def test_weights_of_another_architecture_are_refused(pipe, tiny_bert, tmp_path):
 def test_evaluate_pipeline_reports_every_number(pipe):
     results = evaluate_pipeline(pipe, num_samples=48, diversity_captions=2, diversity_samples=4)
     assert results["images"] == 48 and results["size"] == 64 and results["seed"] == 0
-    for key in ("seen", "heldout"):
+    for key in ("seen", "heldout", "structures"):
         assert set(results[key]) == {"shape", "color", "size", "position", "all"}
     assert results["fid"] >= 0 and results["fid_floor"] >= 0
     assert results["fid"] > results["fid_floor"]  # an untrained generator is far from real images
@@ -241,6 +242,7 @@ def test_evaluate_pipeline_reports_every_number(pipe):
         evaluate_pipeline(pipe, num_samples=4, diversity_captions=0)
     table = metrics_table(results)
     assert "seen compositions" in table and "real vs real floor" in table and "codebook usage" in table
+    assert "| held-out sentence structures |" in table
     assert f"{mistakes[0][0]} read as {mistakes[0][1]} ({mistakes[0][2]})" in table
     assert "48 images per set, 64x64, seed 0." in table
 
@@ -258,6 +260,24 @@ def test_evaluate_pipeline_at_32_without_a_refiner(pipe, tiny_bert):
     assert "8 images per set, 32x32" in table and "judge-FID" not in table and "refiner PSNR" not in table
     refined = evaluate_pipeline(pipe, num_samples=4, size=32, parts=("refiner",))
     assert "refiner" not in refined  # at 32x32 there is nothing refined to measure
+
+
+def test_evaluate_pipeline_in_another_grammar(pipe, monkeypatch):
+    """``grammar`` writes the test captions; ``structures`` captions the seen items' labels in held-out structures."""
+    import textimg.pipeline
+
+    asked = []
+    real_sample = textimg.pipeline.TextToImagePipeline.sample
+    monkeypatch.setattr(textimg.pipeline.TextToImagePipeline, "sample",
+                        lambda self, captions, **kw: asked.append(list(captions)) or real_sample(self, captions, **kw))
+    evaluate_pipeline(pipe, num_samples=6, size=32, parts=("seen", "heldout", "structures"), grammar="rich")
+    seen, held, structures = asked
+    assert seen == ShapesDataset(12, split="test", grammar="rich").captions()[:6]
+    assert held == ShapesDataset(6, split="heldout", grammar="rich").captions()
+    assert structures == ShapesDataset(6, split="test", grammar="heldout").captions()
+    assert [parse_caption(c) for c in structures] == [parse_caption(c) for c in seen]  # the same items
+    with pytest.raises(ValueError, match="grammar must be 'templates' or 'rich'"):
+        PipelineTrainConfig.preset("quick", grammar="heldout")
 
 
 def test_evaluate_pipeline_refuses_unknown_parts_and_sizes(pipe):

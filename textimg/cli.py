@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--refiner-steps", type=_positive_int, help="refiner reconstruction steps")
     train.add_argument("--gan-steps", type=_positive_int, help="adversarial steps of the generator")
     train.add_argument("--refiner-gan-steps", type=_positive_int, help="adversarial fine-tuning steps of the refiner")
+    train.add_argument("--grammar", choices=("templates", "rich"), default=None,
+                       help="how the training captions are written (default: the preset's; textimg.data.GRAMMARS)")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -135,7 +137,8 @@ def cmd_train(args) -> int:
     device = _device(args.device)
     preset = args.preset or get_preset()
     overrides = {k: v for k, v in {"num_train": args.num_train, "refiner_steps": args.refiner_steps,
-                                   "gan_steps": args.gan_steps, "refiner_gan_steps": args.refiner_gan_steps}.items()
+                                   "gan_steps": args.gan_steps, "refiner_gan_steps": args.refiner_gan_steps,
+                                   "grammar": args.grammar}.items()
                  if v is not None}
     cfg = PipelineTrainConfig.preset(preset, **overrides)
     out = args.out or models_dir(preset) / TRAIN_DIR
@@ -178,7 +181,7 @@ def cmd_evaluate(args) -> int:
     if args.record:
         return record_measurements(pipe, args)
     results = evaluate_pipeline(pipe, num_samples=args.num_samples, seed=args.seed, progress=not args.no_progress,
-                                inception=args.inception_fid)
+                                inception=args.inception_fid, grammar=training_grammar(args.model))
     results["model"] = str(args.model) if args.model else "checkpoints (committed)"
     print(metrics_table(results))
     if args.json is not None:
@@ -186,6 +189,17 @@ def cmd_evaluate(args) -> int:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         print(f"metrics written to {args.json}")
     return 0
+
+
+def training_grammar(directory: Path | None) -> str:
+    """The caption grammar a saved pipeline was trained on (its pipeline.json), "templates" if unrecorded."""
+    from textimg.config import PIPELINE_DIR
+    from textimg.utils import read_json
+
+    path = (directory or PIPELINE_DIR) / "pipeline.json"
+    facts = read_json(path) if path.is_file() else {}
+    config = facts.get("training", {}).get("config", {}) if isinstance(facts, dict) else {}
+    return config.get("grammar", "templates") if isinstance(config, dict) else "templates"
 
 
 def record_measurements(pipe, args) -> int:
@@ -203,7 +217,7 @@ def record_measurements(pipe, args) -> int:
     for key in ("format", "class", "components", "text_encoder"):
         facts.pop(key, None)
     start = time.perf_counter()
-    facts.update(measure(pipe, args.num_samples, progress=not args.no_progress))
+    facts.update(measure(pipe, args.num_samples, progress=not args.no_progress, grammar=training_grammar(directory)))
     facts["evaluated"] = run_facts(pipe.device, command=f"textimg evaluate --record --num-samples {args.num_samples}",
                                    seconds=round(time.perf_counter() - start, 1))
     pipe.save_pretrained(directory, facts)

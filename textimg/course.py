@@ -14,7 +14,8 @@ The run is made for a learner's laptop, which is rarely quiet: no cell has a tim
 ``--timeout`` sets one), torch gets only the cores that other programs leave free, a notebook that
 fails is reported and the next one runs (each falls back to the committed checkpoints), and running
 the command again resumes at the first notebook not yet done. ``RUN.json`` beside the executed
-notebooks records the run: preset, date, machine, commit, and each notebook's status and time.
+notebooks records the run: preset, date, machine, commit, and each notebook's status, time, commit and date
+(a later ``--only`` run updates its own notebooks' entries and keeps the others').
 """
 
 from __future__ import annotations
@@ -385,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"    full error: {os.path.relpath(logs / (path.stem + '.error.txt'))}; "
                       "the next notebooks run on (they fall back to the committed checkpoints)", flush=True)
             record["notebooks"][path.stem] = {"status": status, "seconds": round(seconds, 1), "threads": threads,
-                                              "source": source_hash(path)}
+                                              "source": source_hash(path), "commit": record["commit"],
+                                              "date": record["date"]}  # --only runs: each its own
             on_disk = read_record(out)  # another runner (--only) may have recorded other notebooks meanwhile
             if on_disk.get("preset") == preset:
                 for name, entry in on_disk["notebooks"].items():

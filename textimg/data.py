@@ -87,6 +87,39 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "a {shape} that is {size} and {color}, in the {position}",
 )
 
+# The richer grammar ("rich"): the seven templates and more sentence structures, with the attributes
+# in other orders, the position first or last, other verbs and fillers. Training sees these; the
+# HELDOUT_STRUCTURES below are never trained on: they arrange the same words in new ways, to measure
+# whether a model learned the words or the templates' word order (like HELDOUT for colour-shape pairs).
+RICH_STRUCTURES: tuple[str, ...] = CAPTION_TEMPLATES + (
+    "{size} {color} {shape} in the {position}",
+    "an image of a {size} {color} {shape} at the {position}",
+    "a {color} {shape}, {size}, in the {position}",
+    "the {position} has a {size} {color} {shape}",
+    "please draw a {size} {color} {shape} in the {position}",
+    "a {size} {shape} coloured {color}, placed at the {position}",
+    "{position}: a {size} {color} {shape}",
+    "one {size} {color} {shape} at the {position}",
+    "there is a {color} {shape} in the {position}; it is {size}",
+    "a {size} {color} {shape} sits in the {position}",
+    "the picture shows a {size} {color} {shape} in the {position}",
+    "at the {position}, a {size} {color} {shape}",
+    "a {color} {size} {shape} in the {position}",
+    "draw a {size} {shape} that is {color}, at the {position}",
+    "a picture with a {shape}, {color} and {size}, in the {position} of the image",
+    "{color} {shape}, {size}, {position}",
+)
+HELDOUT_STRUCTURES: tuple[str, ...] = (
+    "please draw a {size} {color} {shape} in the {position} of the picture",  # notebook 05's first three
+    "the image shows one {color} {shape}; it is {size} and sits in the {position}",
+    "{position}: {size} {shape}, coloured {color}",
+    "in the {position} of the picture sits a {color} {shape} that is {size}",
+    "the {shape} at the {position} is {color} and {size}",
+    "{color} and {size}: a {shape} placed in the {position}",
+)
+GRAMMARS: dict[str, tuple[str, ...]] = {"templates": CAPTION_TEMPLATES, "rich": RICH_STRUCTURES,
+                                        "heldout": HELDOUT_STRUCTURES}
+
 
 def _normalise(text: str) -> list[str]:
     """Lower-cases, turns hyphens into spaces, drops punctuation, and splits into words."""
@@ -98,21 +131,33 @@ def _normalise(text: str) -> list[str]:
 _PHRASES = {tuple(form.split()): (attr, ATTRIBUTES[attr].index(word))
             for attr, forms in SYNONYMS.items() for word, words in forms.items() for form in words}
 _MAX_PHRASE = max(len(p) for p in _PHRASES)
-_FILLER = {w for t in CAPTION_TEMPLATES for w in _normalise(re.sub(r"\{\w+\}", " ", t))} | {"an"}
+_FILLER = {w for ts in GRAMMARS.values() for t in ts for w in _normalise(re.sub(r"\{\w+\}", " ", t))} | {"an"}
+
+
+def _a_or_an(text: str) -> str:
+    """'a orange star' -> 'an orange star' (before a vowel), wherever the article stands."""
+    return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)
 
 
 def make_caption(labels: dict[str, int | str], template: int | None = None,
-                 rng: np.random.Generator | None = None) -> str:
+                 rng: np.random.Generator | None = None, grammar: str = "templates") -> str:
     """Writes a caption for the given attributes.
 
     Args:
         labels: attribute -> value index (or canonical word), for all four attributes.
-        template: index into CAPTION_TEMPLATES; None picks one with ``rng`` (template 0 without one).
-        rng: NumPy generator that picks the template and synonyms; None gives canonical words.
+        template: index into the grammar's sentence structures; None picks one with ``rng`` (the first
+            without one).
+        rng: NumPy generator that picks the structure and synonyms (and, in the "rich" and "heldout"
+            grammars, the writing: a capital, a full stop, "top-left"); None gives canonical words.
+        grammar: "templates" (CAPTION_TEMPLATES, what the committed models learned), "rich"
+            (RICH_STRUCTURES) or "heldout" (HELDOUT_STRUCTURES, never trained on).
 
     Returns:
         e.g. "a small red circle in the top left".
     """
+    if grammar not in GRAMMARS:
+        raise ValueError(f"unknown grammar {grammar!r}: choose one of {', '.join(GRAMMARS)}")
+    structures = GRAMMARS[grammar]
     words = {}
     for attr, values in ATTRIBUTES.items():
         if attr not in labels:
@@ -125,8 +170,17 @@ def make_caption(labels: dict[str, int | str], template: int | None = None,
         forms = SYNONYMS[attr][word]
         words[attr] = forms[int(rng.integers(len(forms)))] if rng is not None else forms[0]
     if template is None:
-        template = int(rng.integers(len(CAPTION_TEMPLATES))) if rng is not None else 0
-    return CAPTION_TEMPLATES[template].format(**words)
+        template = int(rng.integers(len(structures))) if rng is not None else 0
+    elif not 0 <= template < len(structures):
+        raise ValueError(f"template must be an index into the {len(structures)} structures of grammar "
+                         f"{grammar!r}, got {template!r}")
+    if grammar == "templates" or rng is None:
+        return _a_or_an(structures[template].format(**words))
+    hyphen, capital, stop = rng.random(3) < (0.2, 0.3, 0.3)  # how it is written, not what it says
+    if hyphen:
+        words["position"] = words["position"].replace(" ", "-", 1)
+    text = _a_or_an(structures[template].format(**words))
+    return (text[0].upper() + text[1:] if capital else text) + ("." if stop else "")
 
 
 def parse_caption(text: str) -> dict[str, int]:
@@ -273,10 +327,11 @@ def render_shape(spec: ShapeSpec) -> np.ndarray:
 
 
 def _draw_spec(rng: np.random.Generator, combos: list[tuple[int, int]],
-               size: int | None = None, position: int | None = None) -> ShapeSpec:
+               size: int | None = None, position: int | None = None, grammar: str = "templates") -> ShapeSpec:
     """Draws one sample's attributes, jitter and caption, in a fixed order, from ``rng``.
 
-    ``size`` / ``position`` fix those attributes; the same numbers are drawn either way.
+    ``size`` / ``position`` fix those attributes; the same numbers are drawn either way. The caption
+    is drawn last, so the ``grammar`` changes the words and never the pixels.
     """
     color, shape = combos[int(rng.integers(len(combos)))]
     drawn_size, drawn_position = int(rng.integers(2)), int(rng.integers(9))
@@ -293,8 +348,8 @@ def _draw_spec(rng: np.random.Generator, combos: list[tuple[int, int]],
     h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in PALETTE[ATTRIBUTES["color"][color]]))
     rgb = colorsys.hsv_to_rgb((h + HUE_JITTER * (2 * u[4] - 1)) % 1.0, s, v * (1 - VALUE_JITTER * u[5]))
     labels = {"shape": shape, "color": color, "size": size, "position": position}
-    return ShapeSpec(labels=labels, caption=make_caption(labels, rng=rng), cx=cx, cy=cy, radius=radius,
-                     angle=MAX_ROTATION * (2 * u[3] - 1), rgb=tuple(round(255 * c) for c in rgb),
+    return ShapeSpec(labels=labels, caption=make_caption(labels, rng=rng, grammar=grammar), cx=cx, cy=cy,
+                     radius=radius, angle=MAX_ROTATION * (2 * u[3] - 1), rgb=tuple(round(255 * c) for c in rgb),
                      background=8 + int(20 * u[6]))
 
 
@@ -316,6 +371,9 @@ class ShapesDataset(Dataset):
         image_size: 64, 32, 16 or 8.
         holdout: if False, every split draws from all (color, shape) combinations.
         cache: keep rendered images in memory, so later epochs only index.
+        grammar: how captions are written: "templates" (seven sentence patterns), "rich" (many
+            more, see RICH_STRUCTURES) or "heldout" (structures no training caption uses). Only the
+            captions differ: sample i has the same labels and pixels in every grammar.
     """
 
     ATTRIBUTES = ATTRIBUTES
@@ -325,7 +383,7 @@ class ShapesDataset(Dataset):
     IMAGE_SIZES = IMAGE_SIZES
 
     def __init__(self, num_samples: int, split: str = "train", seed: int = 0, image_size: int = 64,
-                 holdout: bool = True, cache: bool = True):
+                 holdout: bool = True, cache: bool = True, grammar: str = "templates"):
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if split not in self.SPLITS:
@@ -337,7 +395,9 @@ class ShapesDataset(Dataset):
         if image_size not in IMAGE_SIZES:
             raise ValueError(f"image_size must be one of {IMAGE_SIZES} (64 is rendered, smaller sizes "
                              f"are area-downsampled from it), got {image_size!r}")
-        self.num_samples, self.split, self.seed = num_samples, split, seed
+        if grammar not in GRAMMARS:
+            raise ValueError(f"unknown grammar {grammar!r}: choose one of {', '.join(GRAMMARS)}")
+        self.num_samples, self.split, self.seed, self.grammar = num_samples, split, seed, grammar
         self.image_size, self.holdout, self.cache = image_size, holdout, cache
         held = {(ATTRIBUTES["color"].index(c), ATTRIBUTES["shape"].index(s)) for c, s in HELDOUT}
         every = [(c, s) for c in range(len(ATTRIBUTES["color"])) for s in range(len(ATTRIBUTES["shape"]))]
@@ -356,7 +416,7 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
         if self._specs[index] is None:
             ss = np.random.SeedSequence([self.seed, self._split_id, int(index)])
-            self._specs[index] = _draw_spec(np.random.default_rng(ss), self.combos)
+            self._specs[index] = _draw_spec(np.random.default_rng(ss), self.combos, grammar=self.grammar)
         return self._specs[index]
 
     def _pixels(self, index: int) -> np.ndarray:
@@ -402,7 +462,8 @@ class ShapesDataset(Dataset):
 
     def __repr__(self) -> str:
         return (f"ShapesDataset(num_samples={self.num_samples}, split={self.split!r}, seed={self.seed}, "
-                f"image_size={self.image_size}, holdout={self.holdout})")
+                f"image_size={self.image_size}, holdout={self.holdout}"
+                + (f", grammar={self.grammar!r})" if self.grammar != "templates" else ")"))
 
 
 def sample_images(labels: dict[str, int | str], n: int = 8, seed: int = 0, image_size: int = 64) -> torch.Tensor:

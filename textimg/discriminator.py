@@ -49,6 +49,7 @@ class DiscriminatorConfig(PresetConfig):
     spectral_norm: bool = True  # spectral normalisation of every layer (the projection's W too)
     image_size: int = 32  # input side (the generator's output; the only size supported)
     num_classes: tuple = ()  # AC-GAN head: classes per attribute, e.g. (6, 8, 2, 9); () for none
+    minibatch_std: bool = False  # append the batch's feature spread at 4x4 (ProGAN): D can see too little variety
 
     SIZES = {
         "quick": dict(channels=8, feature_dim=32),  # ~56k parameters (45k with tiny-bert's 32-d text)
@@ -97,6 +98,19 @@ def _sn(layer: nn.Module, on: bool) -> nn.Module:
     return _spectral_norm(layer) if on else layer
 
 
+def minibatch_std(h: Tensor, group: int = 4) -> Tensor:
+    """ProGAN's minibatch standard deviation (Karras et al. 2018): features (B, C, H, W) -> (B, C + 1, H, W).
+    Within each group of ``group`` images, the std of every feature over the group, averaged to one
+    number, becomes an extra channel of those images: a batch of near-copies gets a telltale 0."""
+    b, c, height, width = h.shape
+    g = next(k for k in range(min(group, b), 0, -1) if b % k == 0)  # the largest group size that divides B
+    if g == 1:
+        return torch.cat([h, h.new_zeros(b, 1, height, width)], dim=1)
+    std = h.view(g, b // g, c, height, width).float().var(dim=0, unbiased=False).add(1e-8).sqrt()  # (B/g, C, H, W)
+    spread = std.mean(dim=(1, 2, 3)).to(h.dtype).repeat(g)  # (B,): image i gets its group's number
+    return torch.cat([h, spread.view(b, 1, 1, 1).expand(b, 1, height, width)], dim=1)
+
+
 def _pooled(text: TextEncoding | Tensor) -> Tensor:
     """The pooled caption vector (B, text_dim) of a TextEncoding, or the tensor itself."""
     return text.pooled if isinstance(text, TextEncoding) else text
@@ -108,7 +122,8 @@ class Discriminator(nn.Module):
 
     phi: six convs (3x3, then 4x4 stride 2, three times: 32 -> 16 -> 8 -> 4), LeakyReLU(0.2), then
     a linear layer on the *flattened* 4x4 map (not global pooling: "top left" must survive). No
-    normalisation layers: each image's logit depends on that image only.
+    normalisation layers: each image's logit depends on that image only (unless ``minibatch_std``,
+    which adds one channel that is its group's spread).
     """
 
     def __init__(self, cfg: DiscriminatorConfig):
@@ -118,7 +133,7 @@ class Discriminator(nn.Module):
         shapes = [(3, ch, 3, 1), (ch, ch, 4, 2), (ch, 2 * ch, 3, 1), (2 * ch, 2 * ch, 4, 2),
                   (2 * ch, 4 * ch, 3, 1), (4 * ch, 4 * ch, 4, 2)]  # (in, out, kernel, stride)
         self.convs = nn.ModuleList(_sn(nn.Conv2d(i, o, k, s, padding=1), sn) for i, o, k, s in shapes)
-        self.fc = _sn(nn.Linear(4 * ch * 4 * 4, cfg.feature_dim), sn)
+        self.fc = _sn(nn.Linear((4 * ch + cfg.minibatch_std) * 4 * 4, cfg.feature_dim), sn)
         self.psi = _sn(nn.Linear(cfg.feature_dim, 1), sn)
         self.embed = _sn(nn.Linear(cfg.text_dim, cfg.feature_dim, bias=False), sn)  # W
         self.classifier = _sn(nn.Linear(cfg.feature_dim, sum(cfg.num_classes)), sn) if cfg.num_classes else None
@@ -131,6 +146,8 @@ class Discriminator(nn.Module):
         h = x
         for conv in self.convs:
             h = F.leaky_relu(conv(h), 0.2)  # 32x32 ... 4x4
+        if self.cfg.minibatch_std:
+            h = minibatch_std(h)  # (B, 4ch + 1, 4, 4)
         return F.leaky_relu(self.fc(h.flatten(1)), 0.2)  # (B, feature_dim)
 
     def project(self, h: Tensor, text: TextEncoding | Tensor) -> Tensor:

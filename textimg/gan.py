@@ -105,6 +105,15 @@ def attribute_loss(attributes: tuple[Tensor, ...] | None, labels: Tensor) -> Ten
     return torch.stack([F.cross_entropy(lg.float(), labels[:, a]) for a, lg in enumerate(attributes)]).mean()
 
 
+def mode_seeking_loss(x1: Tensor, x2: Tensor, z1: Tensor, z2: Tensor, eps: float = 1e-5) -> Tensor:
+    """Mode seeking (MSGAN, Mao et al. 2019): two noises z1, z2 (B, z_dim) for the same captions should
+    give images x1, x2 (B, 3, S, S) as far apart as the noises are. The ratio
+    r = mean|x1 - x2| / mean|z1 - z2| (per pair, then averaged) is large when G uses its noise;
+    the loss 1 / (r + eps) falls as r grows, and is added to g_loss with ``ms_weight``."""
+    ratio = (x1.float() - x2.float()).abs().mean(dim=(1, 2, 3)) / (z1.float() - z2.float()).abs().mean(dim=1)
+    return 1.0 / (ratio.mean() + eps)
+
+
 def r1_penalty(real_logits: Tensor, x_real: Tensor, gamma: float,
                scaler: torch.amp.GradScaler | None = None) -> Tensor:
     """R1 = gamma / 2 * E_x ||grad_x D(x)||^2 (Mescheder et al. 2018), on real images, so D is flat
@@ -230,7 +239,8 @@ def g_step(generator, discriminator, g_opt: torch.optim.Optimizer, z: Tensor, te
            labels: Tensor | None = None, cfg: GANTrainConfig | None = None,
            engine: Engine | None = None) -> dict[str, float]:
     """One generator update: g_loss = L_G(D(augment(G(z, c)), c)) [+ attribute loss] + kl_weight * KL
-    (conditioning augmentation's). D is frozen meanwhile, so only G changes.
+    (conditioning augmentation's) [+ ms_weight * mode-seeking loss, on a second draw of z for the first
+    half of the captions]. D is frozen meanwhile, so only G changes.
 
     Args:
         generator, discriminator, g_opt: the networks and G's optimizer.
@@ -240,7 +250,7 @@ def g_step(generator, discriminator, g_opt: torch.optim.Optimizer, z: Tensor, te
         cfg, engine: as in :func:`d_step` (the same augmentation D trains with, or fakes look different to D).
 
     Returns:
-        {"g_loss", "g_adv", "g_aux", "kl", "d_fake_g": mean D(G(z)) as G saw it} floats.
+        {"g_loss", "g_adv", "g_aux", "kl", "ms", "d_fake_g": mean D(G(z)) as G saw it} floats.
     """
     cfg, engine = cfg or GANTrainConfig(augment=""), engine or Engine()
     D = engine.plain(discriminator)  # D's own gradients are not wanted here: no DDP synchronisation
@@ -252,8 +262,15 @@ def g_step(generator, discriminator, g_opt: torch.optim.Optimizer, z: Tensor, te
         adv = G_LOSSES[cfg.g_loss](fake.logits)
         aux = attribute_loss(fake.attributes, labels) if labels is not None else adv.new_zeros(())
         g_loss = adv + cfg.aux_weight * aux + cfg.kl_weight * kl.float()
+        ms = adv.new_zeros(())
+        if cfg.ms_weight > 0:  # the same captions again, with other noise (half the batch: half the cost)
+            half = max(1, len(z) // 2)
+            z2 = torch.randn(half, z.shape[1], generator=engine.rng).to(z.device)
+            x2 = generator(z2, text[:half], rng=engine.rng)
+            ms = mode_seeking_loss(x_fake[:half], x2, z[:half], z2)
+            g_loss = g_loss + cfg.ms_weight * ms
     engine.update(g_loss, g_opt, "g_loss")
-    return {"g_loss": g_loss.item(), "g_adv": adv.item(), "g_aux": aux.item(), "kl": kl.item(),
+    return {"g_loss": g_loss.item(), "g_adv": adv.item(), "g_aux": aux.item(), "kl": kl.item(), "ms": ms.item(),
             "d_fake_g": _mean_prob(fake.logits)}
 
 
@@ -275,6 +292,7 @@ class GANTrainConfig(PresetConfig):
     augment: str = "color,translation"  # DiffAugment policy ("" for none)
     kl_weight: float = 1.0  # conditioning augmentation's KL term in g_loss (StackGAN's lambda = 1)
     aux_weight: float = 1.0  # weight of the AC-GAN attribute loss (used only if D has num_classes)
+    ms_weight: float = 0.0  # weight of the mode-seeking loss (MSGAN; 0: off): G must use its noise
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU: fp32
     seed: int = 0  # seeds the data order and every random draw of the loop (not the weights)
 
@@ -288,7 +306,7 @@ class GANTrainConfig(PresetConfig):
         parse_policy(self.augment)  # raises on an unknown augmentation
 
 
-LOGGED = ("d_loss", "g_loss", "d_real", "d_fake", "d_wrong", "r1", "kl", "d_aux", "g_aux")
+LOGGED = ("d_loss", "g_loss", "d_real", "d_fake", "d_wrong", "r1", "kl", "d_aux", "g_aux", "ms")
 
 
 def attribute_labels(meanings: list, num_classes: tuple, device: torch.device) -> Tensor | None:
@@ -364,6 +382,8 @@ def train_gan(generator, discriminator, text_encoder, dataset, cfg: GANTrainConf
             engine.scaler.load_state_dict(state["scaler"])
         batches.load_state_dict(state["data"])
         history, first, seconds = state["history"], state["step"], state["seconds"]
+        for key in LOGGED:  # a checkpoint from before a statistic was logged
+            history.setdefault(key, [float("nan")] * len(history["step"]))
 
     start = time.perf_counter()
     bar = progress_bar(range(first, steps), desc="GAN", unit="step", initial=first, total=steps,

@@ -244,12 +244,13 @@ def _load_v1(directory: Path) -> tuple[dict, dict]:
 # -----------------------------------------------------------------------------------------------
 # The one evaluator
 
-PARTS = ("seen", "heldout", "fid", "diversity", "refiner")
+PARTS = ("seen", "heldout", "structures", "fid", "diversity", "refiner")
 
 
 def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None = None, num_samples: int = 2000,
                       seed: int = 0, size: int = 64, parts: tuple[str, ...] = PARTS, diversity_captions: int = 16,
-                      diversity_samples: int = 16, progress: bool = False, inception: bool = False) -> dict:
+                      diversity_samples: int = 16, progress: bool = False, inception: bool = False,
+                      grammar: str = "templates") -> dict:
     """Every number the course reports for a pipeline (or a bare generator, wrapped in one), on the
     shapes dataset's test split. ``parts`` chooses what to measure:
 
@@ -257,6 +258,8 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
       ``num_samples`` test items (compositions seen in training), the three most frequent shape
       misreadings (``mistakes``, :func:`textimg.metrics.confusions`), and ``sharpness`` beside the real images';
     - ``heldout``: the same accuracy for the ``heldout`` split (colour-shape pairs never seen);
+    - ``structures``: the same accuracy for the ``seen`` items' labels, captioned in sentence
+      structures no training caption uses (``grammar="heldout"``, :data:`textimg.data.HELDOUT_STRUCTURES`);
     - ``fid``: the Fréchet distance in the judge's feature space to the real images of the same items,
       and ``fid_floor``, the distance between two disjoint sets of real test images (what a perfect
       generator scores); with ``inception=True`` also standard Inception FID (needs torch-fidelity);
@@ -266,7 +269,8 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
       codebook usage and perplexity (64x64 with a refiner only).
 
     ``size`` 64 measures the refined images, 32 the generator's. ``seed`` picks the items and the
-    noise (the global RNG is untouched); ``judge`` defaults to the committed one. Returns a dict of
+    noise (the global RNG is untouched); ``judge`` defaults to the committed one; ``grammar`` writes the
+    test captions as the pipeline's training captions were written ("templates" or "rich"). Returns a dict of
     floats (fractions for accuracies) that :func:`metrics_table` prints.
     """
     from textimg.data import ShapesDataset, sample_images
@@ -285,7 +289,7 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
         raise ValueError(f"size must be 32 or 64, got {size!r}")
     judge = judge if judge is not None else load_judge()
     results: dict = {"images": num_samples, "seed": seed, "size": size}
-    test = ShapesDataset(2 * num_samples, split="test", seed=seed, image_size=size, cache=False)
+    test = ShapesDataset(2 * num_samples, split="test", seed=seed, image_size=size, cache=False, grammar=grammar)
     captions = test.captions()[:num_samples]
     fake = real = None
     for part in progress_bar([p for p in PARTS if p in parts], desc="evaluating", unit="part", disable=not progress):
@@ -297,8 +301,11 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
             results["mistakes"] = [list(m) for m in confusions(judge, fake, captions, "shape", given="size")[:3]]
             results["sharpness"], results["sharpness_real"] = sharpness(fake), sharpness(real[:num_samples])
         elif part == "heldout":
-            held = ShapesDataset(num_samples, split="heldout", seed=seed, cache=False).captions()
+            held = ShapesDataset(num_samples, split="heldout", seed=seed, cache=False, grammar=grammar).captions()
             results["heldout"] = caption_accuracy(judge, pipe.sample(held, seed=seed + 1, size=size), held)
+        elif part == "structures":  # the same items (labels) as "seen", other words
+            new = ShapesDataset(num_samples, split="test", seed=seed, cache=False, grammar="heldout").captions()
+            results["structures"] = caption_accuracy(judge, pipe.sample(new, seed=seed, size=size), new)
         elif part == "fid":
             results["fid"] = judge_fid(judge, fake, real[:num_samples])
             results["fid_floor"] = judge_fid(judge, real[num_samples:], real[:num_samples])
@@ -328,10 +335,11 @@ def metrics_table(results: dict) -> str:
 
     attrs = [*ATTRIBUTES, "all"]
     rows = ["| judge accuracy | " + " | ".join(attrs) + " |", "|---|" + "---|" * len(attrs)]
-    for name in ("seen", "heldout"):
+    for name, what in (("seen", "seen compositions"), ("heldout", "held-out compositions"),
+                       ("structures", "held-out sentence structures")):
         if name in results:
             cells = " | ".join(f"{100 * results[name][a]:.1f} %" for a in attrs)
-            rows.append(f"| {name} compositions | {cells} |")
+            rows.append(f"| {what} | {cells} |")
     if results.get("mistakes"):
         rows.append("\nMost common shape mistakes (seen): " + ", ".join(
             f"{asked} read as {read} ({n})" for asked, read, n in results["mistakes"]) + ".")
@@ -358,18 +366,21 @@ def metrics_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def measure(pipe: TextToImagePipeline, num_samples: int = 2000, progress: bool = False) -> dict:
+def measure(pipe: TextToImagePipeline, num_samples: int = 2000, progress: bool = False,
+            grammar: str = "templates") -> dict:
     """What a saved pipeline records about itself: :func:`evaluate_pipeline` at 64x64 ("test"), on the
     generator's own 32x32 images ("test_32", seen captions and diversity), and at 64x64 with bicubic
-    upsampling in place of the refiner ("test_bicubic": what the refiner adds); seed 0, rounded."""
+    upsampling in place of the refiner ("test_bicubic": what the refiner adds); seed 0, rounded; test
+    captions written in the ``grammar`` the pipeline was trained on."""
     from textimg.training import rounded
 
     bicubic_pipe = TextToImagePipeline(pipe.generator, None, pipe.text_encoder)
-    return {"test": rounded(evaluate_pipeline(pipe, num_samples=num_samples, seed=0, progress=progress)),
+    return {"test": rounded(evaluate_pipeline(pipe, num_samples=num_samples, seed=0, progress=progress,
+                                              grammar=grammar)),
             "test_32": rounded(evaluate_pipeline(pipe, num_samples=num_samples, seed=0, size=32,
-                                                 parts=("seen", "diversity"))),
+                                                 parts=("seen", "diversity"), grammar=grammar)),
             "test_bicubic": rounded(evaluate_pipeline(bicubic_pipe, num_samples=num_samples, seed=0,
-                                                      parts=("seen", "heldout", "fid")))}
+                                                      parts=("seen", "heldout", "fid"), grammar=grammar))}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -387,6 +398,7 @@ class PipelineTrainConfig(PresetConfig):
     refiner_gan_steps: int = 300  # stage 4: the refiner's adversarial fine-tuning
     checkpoint_every: int = 200  # refiner and GAN steps between resumable checkpoints
     eval_samples: int = 2000  # test captions per set for the final evaluation (evaluate_pipeline)
+    grammar: str = "templates"  # how the training captions are written (ShapesDataset's grammar)
     seed: int = 0
 
     SIZES = {"quick": dict(num_train=256, refiner_steps=10, gan_steps=10, refiner_gan_steps=3, checkpoint_every=5,
@@ -394,6 +406,12 @@ class PipelineTrainConfig(PresetConfig):
              "cpu": dict(),
              "gpu": dict(num_train=40_000, refiner_steps=4000, gan_steps=20_000, refiner_gan_steps=600,
                          checkpoint_every=500)}
+
+    def __post_init__(self):
+        from textimg.data import GRAMMARS
+
+        if self.grammar not in GRAMMARS or self.grammar == "heldout":
+            raise ValueError(f"grammar must be 'templates' or 'rich' ('heldout' is for testing), got {self.grammar!r}")
 
 
 TRAIN_STAGES = ("text", "refiner", "gan", "refiner_gan", "pipeline")
@@ -465,8 +483,8 @@ def train_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: PipelineTrainC
 
     started = time.perf_counter()
     text_encoder = TextEncoder("minilm", device=device)
-    data64 = ShapesDataset(cfg.num_train, split="train", seed=cfg.seed)
-    data32 = ShapesDataset(cfg.num_train, split="train", seed=cfg.seed, image_size=32)
+    data64 = ShapesDataset(cfg.num_train, split="train", seed=cfg.seed, grammar=cfg.grammar)
+    data32 = ShapesDataset(cfg.num_train, split="train", seed=cfg.seed, image_size=32, grammar=cfg.grammar)
     cache = out / "training" / "text_cache.safetensors"
     log(f"[1/5] text: encoding {cfg.num_train:,} training captions with {text_encoder.name}")
     if cache.is_file():
@@ -529,7 +547,7 @@ def train_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: PipelineTrainC
         pipe = TextToImagePipeline(generator, refiner, text_encoder.to("cpu"))
         pipe.save_pretrained(path, {"training": run_facts(
             device, command=command, preset=preset, config=cfg.to_dict(),
-            seconds_this_run=time.perf_counter() - started), **measure(pipe, cfg.eval_samples, progress)})
+            seconds_this_run=time.perf_counter() - started), **measure(pipe, cfg.eval_samples, progress, cfg.grammar)})
         log(f"saved the pipeline to {path}")
     processes.wait_for_everyone()
     return path
