@@ -232,6 +232,20 @@ def test_handing_in_the_package_reference_fails(ex_id, capsys):
     assert F.scaled_dot_product_attention is not checks._stub
 
 
+def test_the_gan_steps_are_scored_alike_whatever_the_thread_counts():
+    """The learner's kernel and the grader's scorer may run with different thread counts (a class graded
+    with --jobs 2: one thread each); rounding must not cost the learner 04.3's points."""
+    exercise, threads = EXERCISES["04.3"], torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        response = exercise.respond((d_step, g_step))
+        torch.set_num_threads(2)
+        ok, message = exercise.score(response)
+    finally:
+        torch.set_num_threads(threads)
+    assert ok, message
+
+
 def test_wrong_answers_fail_with_a_useful_message(capsys):
     assert not check("01.2")(lambda t, m: t.mean(1))
     assert "plain mean" in capsys.readouterr().out
@@ -258,6 +272,16 @@ def test_wrong_answers_fail_with_a_useful_message(capsys):
 
     assert not check("04.3")((d_step_no_detach, g_step))
     assert "detach" in capsys.readouterr().out
+
+    def g_step_no_zero_grad(G, D, opt, z, text):  # gradients pile up from one round to the next
+        D.requires_grad_(False)
+        F.softplus(-D(G(z, text), text).logits).mean().backward()
+        D.requires_grad_(True)
+        opt.step()
+        return {}
+
+    assert not check("04.3")((d_step, g_step_no_zero_grad))
+    assert "zero G's gradients" in capsys.readouterr().out
     assert not check("04.5")(lambda caps: caps[1:] + caps[:1])
     assert not check("05.3")(lambda f: torch.cdist(f, f).mean().item())
     assert "itself" in capsys.readouterr().out

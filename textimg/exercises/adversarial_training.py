@@ -60,8 +60,11 @@ def _gan_parts():
 
     batch = [dict(x_real=torch.rand(B, 3, 32, 32, generator=g) * 2 - 1, z=torch.randn(B, 4, generator=g),
                   text=text(), wrong_text=text()) for _ in range(2)]
-    opt_d = torch.optim.Adam(D.parameters(), lr=1e-2, betas=(0.5, 0.999))
-    opt_g = torch.optim.Adam(G.parameters(), lr=1e-2, betas=(0.5, 0.999))
+    # plain SGD: a step is lr x gradient, so the rounding that differs between thread counts (the
+    # learner's kernel and the grader) stays at rounding size; Adam divides it by sqrt(v) and can
+    # turn a near-zero gradient's rounding into a full step of lr
+    opt_d = torch.optim.SGD(D.parameters(), lr=0.1)
+    opt_g = torch.optim.SGD(G.parameters(), lr=0.1)
     return G, D, opt_d, opt_g, batch
 
 
