@@ -29,17 +29,33 @@ VARIANTS = {  # name: (GANTrainConfig overrides, DiscriminatorConfig overrides)
 }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from bench_stages import machine
-
-    from textimg.data import NUM_CLASSES, ShapesDataset
+def train_variant(preset: str, encoder, data, train_over: dict, d_over: dict, steps: int, device: str):
+    """The preset's G and D from seed 0, with the AC-GAN head unless ``d_over`` says
+    otherwise, trained ``steps`` GAN steps with the overrides: (generator, ms per step)."""
+    from textimg.data import NUM_CLASSES
     from textimg.discriminator import Discriminator, DiscriminatorConfig
     from textimg.gan import GANTrainConfig, train_gan
     from textimg.generator import Generator, GeneratorConfig
+    from textimg.utils import seeded
+
+    with seeded(0):  # every variant starts from the same weights where it can
+        generator = Generator(GeneratorConfig.preset(preset, text_dim=encoder.dim))
+        discriminator = Discriminator(DiscriminatorConfig.preset(preset, text_dim=encoder.dim,
+                                                                 **{"num_classes": NUM_CLASSES, **d_over}))
+    cfg = GANTrainConfig.preset(preset, seed=0, **train_over)
+    start = time.perf_counter()
+    train_gan(generator, discriminator, encoder, data, cfg, steps=steps, progress=False, log_every=steps,
+              device=device)
+    return generator, 1000 * (time.perf_counter() - start) / steps
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from bench_stages import machine
+
+    from textimg.data import ShapesDataset
     from textimg.metrics import load_judge
     from textimg.pipeline import TextToImagePipeline, evaluate_pipeline
     from textimg.text import TextEncoder
-    from textimg.utils import seeded
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="cpu", choices=("quick", "cpu", "gpu"))
@@ -58,15 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"machine": machine(), "preset": args.preset, "steps": args.steps, "device": device, "variants": {}}
     print(f"{'variant':48s}{'shape':>8s}{'all':>8s}{'diversity':>11s}{'ms/step':>9s}", flush=True)
     for name, (train_over, d_over) in VARIANTS.items():
-        with seeded(0):  # every variant starts from the same weights where it can
-            generator = Generator(GeneratorConfig.preset(args.preset, text_dim=encoder.dim))
-            discriminator = Discriminator(DiscriminatorConfig.preset(args.preset, text_dim=encoder.dim,
-                                                                     **{"num_classes": NUM_CLASSES, **d_over}))
-        cfg = GANTrainConfig.preset(args.preset, seed=0, **train_over)
-        start = time.perf_counter()
-        train_gan(generator, discriminator, encoder, data, cfg, steps=args.steps, progress=False,
-                  log_every=args.steps, device=device)
-        ms = 1000 * (time.perf_counter() - start) / args.steps
+        generator, ms = train_variant(args.preset, encoder, data, train_over, d_over, args.steps, device)
         pipe = TextToImagePipeline(generator.cpu(), None, encoder.to("cpu"))
         scores = evaluate_pipeline(pipe, judge, args.num_eval, size=32, parts=("seen", "diversity"))
         encoder.to(device)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import time
 
 import torch
 
@@ -36,16 +35,13 @@ VARIANTS = {  # id: (what it is, grammar, GANTrainConfig overrides, Discriminato
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from ablate_gan import train_variant
     from bench_stages import machine
 
-    from textimg.data import NUM_CLASSES, ShapesDataset
-    from textimg.discriminator import Discriminator, DiscriminatorConfig
-    from textimg.gan import GANTrainConfig, train_gan
-    from textimg.generator import Generator, GeneratorConfig
+    from textimg.data import ShapesDataset
     from textimg.metrics import load_judge
     from textimg.pipeline import TextToImagePipeline, evaluate_pipeline
     from textimg.text import TextEncoder
-    from textimg.utils import seeded
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="cpu", choices=("quick", "cpu", "gpu"))
@@ -80,15 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         data = ShapesDataset(args.num_train, split="train", seed=0, image_size=32, grammar=grammar)
         encoder.encode_dataset(data.captions())
-        with seeded(0):  # every variant starts from the same weights where it can
-            generator = Generator(GeneratorConfig.preset(args.preset, text_dim=encoder.dim))
-            discriminator = Discriminator(DiscriminatorConfig.preset(args.preset, text_dim=encoder.dim,
-                                                                     **{"num_classes": NUM_CLASSES, **d_over}))
-        cfg = GANTrainConfig.preset(args.preset, seed=0, **train_over)
-        start = time.perf_counter()
-        train_gan(generator, discriminator, encoder, data, cfg, steps=args.steps, progress=False,
-                  log_every=args.steps, device=device)
-        ms = 1000 * (time.perf_counter() - start) / args.steps
+        generator, ms = train_variant(args.preset, encoder, data, train_over, d_over, args.steps, device)
         pipe = TextToImagePipeline(generator.cpu(), None, encoder.to("cpu"))
         scores = evaluate_pipeline(pipe, judge, args.num_eval, size=32, grammar="rich",
                                    parts=("seen", "heldout", "structures", "fid", "diversity"))

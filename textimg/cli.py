@@ -191,13 +191,15 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def training_grammar(directory: Path | None) -> str:
-    """The caption grammar a saved pipeline was trained on (its pipeline.json), "templates" if unrecorded."""
+def training_grammar(directory: Path | None, facts: dict | None = None) -> str:
+    """The caption grammar a saved pipeline was trained on (its pipeline.json, or ``facts`` already read
+    from it), "templates" if unrecorded."""
     from textimg.config import PIPELINE_DIR
     from textimg.utils import read_json
 
-    path = (directory or PIPELINE_DIR) / "pipeline.json"
-    facts = read_json(path) if path.is_file() else {}
+    if facts is None:
+        path = (directory or PIPELINE_DIR) / "pipeline.json"
+        facts = read_json(path) if path.is_file() else {}
     config = facts.get("training", {}).get("config", {}) if isinstance(facts, dict) else {}
     return config.get("grammar", "templates") if isinstance(config, dict) else "templates"
 
@@ -217,7 +219,8 @@ def record_measurements(pipe, args) -> int:
     for key in ("format", "class", "components", "text_encoder"):
         facts.pop(key, None)
     start = time.perf_counter()
-    facts.update(measure(pipe, args.num_samples, progress=not args.no_progress, grammar=training_grammar(directory)))
+    grammar = training_grammar(directory, facts)
+    facts.update(measure(pipe, args.num_samples, progress=not args.no_progress, grammar=grammar))
     facts["evaluated"] = run_facts(pipe.device, command=f"textimg evaluate --record --num-samples {args.num_samples}",
                                    seconds=round(time.perf_counter() - start, 1))
     pipe.save_pretrained(directory, facts)

@@ -134,6 +134,13 @@ _MAX_PHRASE = max(len(p) for p in _PHRASES)
 _FILLER = {w for ts in GRAMMARS.values() for t in ts for w in _normalise(re.sub(r"\{\w+\}", " ", t))} | {"an"}
 
 
+def _structures(grammar: str) -> tuple[str, ...]:
+    """The sentence structures of ``grammar``; a clear error for an unknown name."""
+    if grammar not in GRAMMARS:
+        raise ValueError(f"unknown grammar {grammar!r}: choose one of {', '.join(GRAMMARS)}")
+    return GRAMMARS[grammar]
+
+
 def _a_or_an(text: str) -> str:
     """'a orange star' -> 'an orange star' (before a vowel), wherever the article stands."""
     return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)
@@ -155,9 +162,7 @@ def make_caption(labels: dict[str, int | str], template: int | None = None,
     Returns:
         e.g. "a small red circle in the top left".
     """
-    if grammar not in GRAMMARS:
-        raise ValueError(f"unknown grammar {grammar!r}: choose one of {', '.join(GRAMMARS)}")
-    structures = GRAMMARS[grammar]
+    structures = _structures(grammar)
     words = {}
     for attr, values in ATTRIBUTES.items():
         if attr not in labels:
@@ -395,8 +400,7 @@ class ShapesDataset(Dataset):
         if image_size not in IMAGE_SIZES:
             raise ValueError(f"image_size must be one of {IMAGE_SIZES} (64 is rendered, smaller sizes "
                              f"are area-downsampled from it), got {image_size!r}")
-        if grammar not in GRAMMARS:
-            raise ValueError(f"unknown grammar {grammar!r}: choose one of {', '.join(GRAMMARS)}")
+        _structures(grammar)  # raises for an unknown grammar now, not at the first caption
         self.num_samples, self.split, self.seed, self.grammar = num_samples, split, seed, grammar
         self.image_size, self.holdout, self.cache = image_size, holdout, cache
         held = {(ATTRIBUTES["color"].index(c), ATTRIBUTES["shape"].index(s)) for c, s in HELDOUT}
