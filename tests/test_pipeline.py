@@ -271,13 +271,18 @@ def test_evaluate_pipeline_in_another_grammar(pipe, monkeypatch):
     monkeypatch.setattr(textimg.pipeline.TextToImagePipeline, "sample",
                         lambda self, captions, **kw: asked.append(list(captions)) or real_sample(self, captions, **kw))
     evaluate_pipeline(pipe, num_samples=6, size=32, parts=("seen", "heldout", "structures"), grammar="rich")
-    seen, held, structures = asked
+    rich = TextToImagePipeline(pipe.generator, None, pipe.text_encoder, grammar="rich")
+    evaluate_pipeline(rich, num_samples=6, size=32, parts=("seen", "heldout", "structures"))  # its own grammar
+    assert asked[3:] == asked[:3]
+    seen, held, structures = asked[:3]
     assert seen == ShapesDataset(12, split="test", grammar="rich").captions()[:6]
     assert held == ShapesDataset(6, split="heldout", grammar="rich").captions()
     assert structures == ShapesDataset(6, split="test", grammar="heldout").captions()
     assert [parse_caption(c) for c in structures] == [parse_caption(c) for c in seen]  # the same items
     with pytest.raises(ValueError, match="grammar must be 'templates' or 'rich'"):
         PipelineTrainConfig.preset("quick", grammar="heldout")
+    with pytest.raises(ValueError, match="unknown grammar 'poetry'"):
+        TextToImagePipeline(pipe.generator, None, pipe.text_encoder, grammar="poetry")
 
 
 def test_evaluate_pipeline_refuses_unknown_parts_and_sizes(pipe):

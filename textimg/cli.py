@@ -181,7 +181,7 @@ def cmd_evaluate(args) -> int:
     if args.record:
         return record_measurements(pipe, args)
     results = evaluate_pipeline(pipe, num_samples=args.num_samples, seed=args.seed, progress=not args.no_progress,
-                                inception=args.inception_fid, grammar=training_grammar(args.model))
+                                inception=args.inception_fid)
     results["model"] = str(args.model) if args.model else "checkpoints (committed)"
     print(metrics_table(results))
     if args.json is not None:
@@ -189,19 +189,6 @@ def cmd_evaluate(args) -> int:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         print(f"metrics written to {args.json}")
     return 0
-
-
-def training_grammar(directory: Path | None, facts: dict | None = None) -> str:
-    """The caption grammar a saved pipeline was trained on (its pipeline.json, or ``facts`` already read
-    from it), "templates" if unrecorded."""
-    from textimg.config import PIPELINE_DIR
-    from textimg.utils import read_json
-
-    if facts is None:
-        path = (directory or PIPELINE_DIR) / "pipeline.json"
-        facts = read_json(path) if path.is_file() else {}
-    config = facts.get("training", {}).get("config", {}) if isinstance(facts, dict) else {}
-    return config.get("grammar", "templates") if isinstance(config, dict) else "templates"
 
 
 def record_measurements(pipe, args) -> int:
@@ -219,8 +206,7 @@ def record_measurements(pipe, args) -> int:
     for key in ("format", "class", "components", "text_encoder"):
         facts.pop(key, None)
     start = time.perf_counter()
-    grammar = training_grammar(directory, facts)
-    facts.update(measure(pipe, args.num_samples, progress=not args.no_progress, grammar=grammar))
+    facts.update(measure(pipe, args.num_samples, progress=not args.no_progress))  # in pipe.grammar
     facts["evaluated"] = run_facts(pipe.device, command=f"textimg evaluate --record --num-samples {args.num_samples}",
                                    seconds=round(time.perf_counter() - start, 1))
     pipe.save_pretrained(directory, facts)

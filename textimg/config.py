@@ -27,6 +27,8 @@ MANIFEST = CHECKPOINTS / "MANIFEST.json"  # SHA-256 of every committed file
 JUDGE_DIR = CHECKPOINTS / "judge"  # the attribute classifier that scores images (textimg train-judge)
 REFINER_DIR = CHECKPOINTS / "refiner"  # stage 3: the refiner trained on reconstruction (notebook 03)
 PIPELINE_DIR = CHECKPOINTS / "pipeline"  # the whole pipeline: pipeline.json, generator/, refiner/
+# What benchmarks/*.py recorded (one JSON per benchmark, the machine named inside): notebooks read their tables here
+BENCHMARK_RESULTS = CHECKPOINTS.parent / "benchmarks" / "results"
 
 
 def check_preset(name: str) -> str:

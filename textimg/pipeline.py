@@ -64,13 +64,18 @@ class TextToImagePipeline:
         refiner: a trained :class:`~textimg.refiner.Refiner` (32x32 -> 64x64); None upsamples bicubically.
         text_encoder: a :class:`~textimg.text.TextEncoder` whose ``dim`` is the generator's ``text_dim``,
             or the name of one to load (the one the generator was trained with; default "minilm").
+        grammar: how its training captions were written ("templates" or "rich", see
+            :data:`textimg.data.GRAMMARS`); :func:`evaluate_pipeline` writes its test captions the same way.
+            :meth:`from_pretrained` reads it from the ``training`` facts in pipeline.json.
 
     The pipeline runs where its generator is (:meth:`to`), in eval mode and without gradients; it
     never trains its networks, so wrapping a generator that is still training leaves it as it was.
     """
 
     def __init__(self, generator: Generator, refiner: Refiner | None = None,
-                 text_encoder: TextEncoder | str = "minilm"):
+                 text_encoder: TextEncoder | str = "minilm", grammar: str = "templates"):
+        from textimg.data import GRAMMARS
+
         if not isinstance(generator, Generator):
             raise TypeError(f"generator must be a textimg Generator, got {type(generator).__name__}")
         if refiner is not None and not isinstance(refiner, Refiner):
@@ -82,7 +87,9 @@ class TextToImagePipeline:
         if refiner is not None and refiner.cfg.text_cond and refiner.cfg.text_dim != self.text_encoder.dim:
             raise ValueError(f"the refiner expects text_dim={refiner.cfg.text_dim}, "
                              f"the text encoder gives {self.text_encoder.dim}")
-        self.generator, self.refiner = generator, refiner
+        if grammar not in GRAMMARS:
+            raise ValueError(f"unknown grammar {grammar!r}: choose one of {', '.join(GRAMMARS)}")
+        self.generator, self.refiner, self.grammar = generator, refiner, grammar
         self.to(next(generator.parameters()).device)
 
     # -- where it runs ---------------------------------------------------------------------------
@@ -208,7 +215,8 @@ class TextToImagePipeline:
         else:
             config, parts = load_pipeline(directory, cls.__name__)
         pipe = cls(parts["generator"], parts.get("refiner"),
-                   text_encoder if text_encoder is not None else config.get("text_encoder", "minilm"))
+                   text_encoder if text_encoder is not None else config.get("text_encoder", "minilm"),
+                   training_grammar(config))
         return pipe.to(device) if device is not None else pipe
 
     def __repr__(self) -> str:
@@ -216,6 +224,13 @@ class TextToImagePipeline:
         return (f"TextToImagePipeline(text_encoder={self.text_encoder.name!r}, "
                 f"generator=Generator({self.generator.num_parameters():,} parameters), refiner={refiner}, "
                 f"device={self.device})")
+
+
+def training_grammar(facts: dict) -> str:
+    """The caption grammar recorded in a pipeline.json's ``training`` facts; "templates" if unrecorded
+    (every pipeline saved before the grammar existed)."""
+    config = facts.get("training", {}).get("config", {}) if isinstance(facts, dict) else {}
+    return config.get("grammar", "templates") if isinstance(config, dict) else "templates"
 
 
 def _load_v1(directory: Path) -> tuple[dict, dict]:
@@ -250,7 +265,7 @@ PARTS = ("seen", "heldout", "structures", "fid", "diversity", "refiner")
 def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None = None, num_samples: int = 2000,
                       seed: int = 0, size: int = 64, parts: tuple[str, ...] = PARTS, diversity_captions: int = 16,
                       diversity_samples: int = 16, progress: bool = False, inception: bool = False,
-                      grammar: str = "templates") -> dict:
+                      grammar: str | None = None) -> dict:
     """Every number the course reports for a pipeline (or a bare generator, wrapped in one), on the
     shapes dataset's test split. ``parts`` chooses what to measure:
 
@@ -270,7 +285,8 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
 
     ``size`` 64 measures the refined images, 32 the generator's. ``seed`` picks the items and the
     noise (the global RNG is untouched); ``judge`` defaults to the committed one; ``grammar`` writes the
-    test captions as the pipeline's training captions were written ("templates" or "rich"). Returns a dict of
+    test captions ("templates" or "rich"; default: the pipeline's own, as its training captions were written,
+    ``pipe.grammar``). Returns a dict of
     floats (fractions for accuracies) that :func:`metrics_table` prints.
     """
     from textimg.data import ShapesDataset, sample_images
@@ -287,6 +303,7 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
         raise ValueError(f"unknown part(s) {unknown}; choose from {PARTS}")
     if size not in (32, 64):
         raise ValueError(f"size must be 32 or 64, got {size!r}")
+    grammar = pipe.grammar if grammar is None else grammar
     judge = judge if judge is not None else load_judge()
     results: dict = {"images": num_samples, "seed": seed, "size": size}
     test = ShapesDataset(2 * num_samples, split="test", seed=seed, image_size=size, cache=False, grammar=grammar)
@@ -367,14 +384,15 @@ def metrics_table(results: dict) -> str:
 
 
 def measure(pipe: TextToImagePipeline, num_samples: int = 2000, progress: bool = False,
-            grammar: str = "templates") -> dict:
+            grammar: str | None = None) -> dict:
     """What a saved pipeline records about itself: :func:`evaluate_pipeline` at 64x64 ("test"), on the
     generator's own 32x32 images ("test_32", seen captions and diversity), and at 64x64 with bicubic
     upsampling in place of the refiner ("test_bicubic": what the refiner adds); seed 0, rounded; test
-    captions written in the ``grammar`` the pipeline was trained on."""
+    captions written in ``grammar`` (default: the one the pipeline was trained on, ``pipe.grammar``)."""
     from textimg.training import rounded
 
-    bicubic_pipe = TextToImagePipeline(pipe.generator, None, pipe.text_encoder)
+    grammar = pipe.grammar if grammar is None else grammar
+    bicubic_pipe = TextToImagePipeline(pipe.generator, None, pipe.text_encoder, grammar)
     return {"test": rounded(evaluate_pipeline(pipe, num_samples=num_samples, seed=0, progress=progress,
                                               grammar=grammar)),
             "test_32": rounded(evaluate_pipeline(pipe, num_samples=num_samples, seed=0, size=32,
