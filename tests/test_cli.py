@@ -157,3 +157,37 @@ def test_inception_fid_without_torch_fidelity_is_a_clear_error(capsys):
         pytest.skip("torch-fidelity is installed here")
     assert main(["evaluate", "--num-samples", "8", "--inception-fid", "--no-progress"]) == 1
     assert "pip install torch-fidelity" in capsys.readouterr().err
+
+
+def test_train_diffusion_then_generate_and_evaluate_with_it(tmp_path, capsys):
+    """`textimg train --diffusion`: both U-Nets and the measured pipeline, resumable; generate and
+    evaluate load it by the kind its pipeline.json names."""
+    out = tmp_path / "diffusion"
+    argv = ["train", "--diffusion", "--preset", "quick", "--out", str(out), "--num-train", "32", "--no-progress"]
+    assert main(argv) == 0
+    pipeline = out / "pipeline"
+    record = json.loads((pipeline / "pipeline.json").read_text())
+    assert record["class"] == "DiffusionPipeline" and record["components"] == {"base": "UNet", "superres": "UNet"}
+    assert record["training"]["command"] == "textimg " + shlex.join(argv)
+    assert record["test"]["images"] == 4 and "structures" in record["test"] and "refiner" not in record["test"]
+    assert record["test_bicubic"]["size"] == 64 and record["test_32"]["size"] == 32
+    base = json.loads((out / "base" / "config.json").read_text())
+    assert base["training"]["weights"] == "EMA" and base["training"]["steps"] == 10
+    capsys.readouterr()
+    assert main(argv) == 0  # again: every stage is done and skipped
+    assert capsys.readouterr().out.count("(done, skipped)") == 2
+    grid = tmp_path / "grid.png"
+    assert main(["generate", "--model", str(pipeline), "a small red circle at the top left", "--per-prompt", "2",
+                 "--out", str(grid)]) == 0
+    assert Image.open(grid).size[1] == 64 + 2 * 2  # one row of 64x64 images with the grid's padding
+    assert main(["evaluate", "--model", str(pipeline), "--num-samples", "4", "--no-progress"]) == 0
+    assert "held-out sentence structures" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--diffusion", "--gan-steps", "5"], "--gan-steps size the GAN pipeline"),
+    (["train", "--base-steps", "5"], "--base-steps and --sr-steps size the diffusion pipeline: add --diffusion"),
+])
+def test_train_refuses_flags_of_the_other_pipeline(argv, match, capsys, tmp_path):
+    assert main([*argv, "--preset", "quick", "--out", str(tmp_path / "x")]) == 1
+    assert match in capsys.readouterr().err

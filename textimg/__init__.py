@@ -11,7 +11,9 @@ Stages and modules (each module is named like its notebook, and reads top to bot
     discriminator.py the matching-aware discriminator, PatchGAN, DiffAugment        (04_adversarial_training)
     gan.py           the GAN losses, d_step / g_step, train_gan                     (04_adversarial_training)
     pipeline.py      TextToImagePipeline, evaluate_pipeline, train_pipeline         (05_pipeline)
-    cli.py           the ``textimg`` command: train, generate, evaluate, train-judge (05_pipeline)
+    diffusion.py     what Imagen really is: text-conditional diffusion, guidance,    (06, in progress)
+                     thresholding, the 32 -> 64 super-resolution stage, DiffusionPipeline
+    cli.py           the ``textimg`` command: train, generate, evaluate, train-judge, grade
 
 Shared helpers live in ``config.py`` (presets, checkpoint paths), ``utils.py`` (seeding, device,
 files, ModelMixin: the one save/load), ``training.py`` (what every training loop shares: Accelerate,

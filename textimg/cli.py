@@ -2,6 +2,7 @@
 
     textimg train --preset quick          # every stage in order; run it again to resume
     textimg train --preset cpu --out checkpoints          # remake the committed pipeline (and its manifest)
+    textimg train --diffusion --preset quick              # the diffusion cascade instead (notebook 06)
     textimg generate "a small red circle at the top left" "a large blue star" --out grid.png
     textimg generate --model runs/models/quick/pipeline_training/pipeline --seed 3 --per-prompt 4 "a green square"
     textimg evaluate --json metrics.json                      # the metrics table, on screen and as JSON
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--refiner-steps", type=_positive_int, help="refiner reconstruction steps")
     train.add_argument("--gan-steps", type=_positive_int, help="adversarial steps of the generator")
     train.add_argument("--refiner-gan-steps", type=_positive_int, help="adversarial fine-tuning steps of the refiner")
+    train.add_argument("--diffusion", action="store_true",
+                       help="train the diffusion cascade (notebook 06: base U-Net 32x32, super-resolution to 64x64) "
+                       "instead of the GAN pipeline")
+    train.add_argument("--base-steps", type=_positive_int, help="--diffusion: steps of the base U-Net")
+    train.add_argument("--sr-steps", type=_positive_int, help="--diffusion: steps of the super-resolution U-Net")
     train.add_argument("--grammar", choices=("templates", "rich"), default=None,
                        help="how the training captions are written (default: the preset's; textimg.data.GRAMMARS)")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -126,8 +132,17 @@ def _device(name: str | None):
 
 
 def _load(model: Path | None, device):
+    """The pipeline saved in ``model`` (the committed GAN pipeline if None), whichever kind its
+    pipeline.json names: TextToImagePipeline or DiffusionPipeline."""
     from textimg.pipeline import TextToImagePipeline
+    from textimg.utils import read_json
 
+    path = model / "pipeline.json" if model is not None else None
+    if path is not None and path.is_file() and isinstance(facts := read_json(path), dict) \
+            and facts.get("class") == "DiffusionPipeline":
+        from textimg.diffusion import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(model, device=device)
     return TextToImagePipeline.from_pretrained(model, device=device)
 
 
@@ -136,6 +151,10 @@ def cmd_train(args) -> int:
 
     device = _device(args.device)
     preset = args.preset or get_preset()
+    if args.diffusion:
+        return train_diffusion_cmd(args, device, preset)
+    if args.base_steps is not None or args.sr_steps is not None:
+        raise ValueError("--base-steps and --sr-steps size the diffusion pipeline: add --diffusion")
     overrides = {k: v for k, v in {"num_train": args.num_train, "refiner_steps": args.refiner_steps,
                                    "gan_steps": args.gan_steps, "refiner_gan_steps": args.refiner_gan_steps,
                                    "grammar": args.grammar}.items()
@@ -145,6 +164,25 @@ def cmd_train(args) -> int:
     print(f"textimg train: preset {preset}, device {device}, output {out}")
     command = "textimg " + shlex.join(args.argv)  # recorded in every saved config
     path = train_pipeline(out, preset, cfg, device=device, progress=not args.no_progress, command=command)
+    print(f"done. Try:  textimg generate --model {path} \"a small red circle at the top left\"")
+    return 0
+
+
+def train_diffusion_cmd(args, device, preset: str) -> int:
+    """``textimg train --diffusion``: :func:`textimg.diffusion.train_diffusion_pipeline`."""
+    from textimg.diffusion import DIFFUSION_TRAIN_DIR, DiffusionPipelineTrainConfig, train_diffusion_pipeline
+
+    gan_only = [flag for flag, v in (("--refiner-steps", args.refiner_steps), ("--gan-steps", args.gan_steps),
+                                     ("--refiner-gan-steps", args.refiner_gan_steps)) if v is not None]
+    if gan_only:
+        raise ValueError(", ".join(gan_only) + " size the GAN pipeline; --diffusion takes --base-steps, --sr-steps")
+    overrides = {k: v for k, v in {"num_train": args.num_train, "base_steps": args.base_steps,
+                                   "sr_steps": args.sr_steps, "grammar": args.grammar}.items() if v is not None}
+    cfg = DiffusionPipelineTrainConfig.preset(preset, **overrides)
+    out = args.out or models_dir(preset) / DIFFUSION_TRAIN_DIR
+    print(f"textimg train --diffusion: preset {preset}, device {device}, output {out}")
+    path = train_diffusion_pipeline(out, preset, cfg, device=device, progress=not args.no_progress,
+                                    command="textimg " + shlex.join(args.argv))
     print(f"done. Try:  textimg generate --model {path} \"a small red circle at the top left\"")
     return 0
 

@@ -27,6 +27,7 @@ MANIFEST = CHECKPOINTS / "MANIFEST.json"  # SHA-256 of every committed file
 JUDGE_DIR = CHECKPOINTS / "judge"  # the attribute classifier that scores images (textimg train-judge)
 REFINER_DIR = CHECKPOINTS / "refiner"  # stage 3: the refiner trained on reconstruction (notebook 03)
 PIPELINE_DIR = CHECKPOINTS / "pipeline"  # the whole pipeline: pipeline.json, generator/, refiner/
+DIFFUSION_DIR = CHECKPOINTS / "diffusion"  # the diffusion cascade: pipeline.json, base/, superres/ (notebook 06)
 # What benchmarks/*.py recorded (one JSON per benchmark, the machine named inside): notebooks read their tables here
 BENCHMARK_RESULTS = CHECKPOINTS.parent / "benchmarks" / "results"
 

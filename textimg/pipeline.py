@@ -219,6 +219,10 @@ class TextToImagePipeline:
                    training_grammar(config))
         return pipe.to(device) if device is not None else pipe
 
+    def bicubic(self) -> "TextToImagePipeline":
+        """The same pipeline with bicubic upsampling in place of the refiner (what the refiner adds)."""
+        return TextToImagePipeline(self.generator, None, self.text_encoder, self.grammar)
+
     def __repr__(self) -> str:
         refiner = f"Refiner({self.refiner.num_parameters():,} parameters)" if self.refiner is not None else "bicubic"
         return (f"TextToImagePipeline(text_encoder={self.text_encoder.name!r}, "
@@ -263,7 +267,7 @@ PARTS = ("seen", "heldout", "structures", "fid", "diversity", "refiner")
 
 
 def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None = None, num_samples: int = 2000,
-                      seed: int = 0, size: int = 64, parts: tuple[str, ...] = PARTS, diversity_captions: int = 16,
+                      seed: int = 0, size: int = 64, parts: tuple[str, ...] = PARTS, diversity_captions: int | None = None,
                       diversity_samples: int = 16, progress: bool = False, inception: bool = False,
                       grammar: str | None = None) -> dict:
     """Every number the course reports for a pipeline (or a bare generator, wrapped in one), on the
@@ -279,7 +283,8 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
       and ``fid_floor``, the distance between two disjoint sets of real test images (what a perfect
       generator scores); with ``inception=True`` also standard Inception FID (needs torch-fidelity);
     - ``diversity``: mean pairwise judge-feature distance over ``diversity_samples`` draws of z for each
-      of ``diversity_captions`` captions, and ``diversity_real``: the same for real images;
+      of ``diversity_captions`` captions (default: the first 16 test captions, fewer if ``num_samples``
+      is smaller), and ``diversity_real``: the same for real images;
     - ``refiner``: PSNR / SSIM of the refiner and of bicubic upsampling on real 32x32 test images, its
       codebook usage and perplexity (64x64 with a refiner only).
 
@@ -293,6 +298,7 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
     from textimg.metrics import caption_accuracy, confusions, diversity, judge_fid, load_judge, sharpness
     from textimg.refiner import evaluate_refiner
 
+    diversity_captions = min(16, num_samples) if diversity_captions is None else diversity_captions
     for name, value, low in (("num_samples", num_samples, 2), ("diversity_captions", diversity_captions, 1),
                              ("diversity_samples", diversity_samples, 2)):
         if not isinstance(value, int) or value < low:
@@ -339,7 +345,7 @@ def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None =
             results["diversity_real"] = sum(  # spec: the labels without a render
                 diversity(judge, sample_images(test.spec(k).labels, diversity_samples, seed=seed + k, image_size=size))
                 for k in range(len(div_caps))) / len(div_caps)
-        elif part == "refiner" and pipe.refiner is not None and size == 64:
+        elif part == "refiner" and getattr(pipe, "refiner", None) is not None and size == 64:
             r = evaluate_refiner(pipe.refiner, num_samples, "test", seed=seed + 1,
                                  text_encoder=pipe.text_encoder if pipe.refiner.cfg.text_cond else None)
             results["refiner"] = {k: v for k, v in r.items() if k not in ("images", "split")}
@@ -383,21 +389,20 @@ def metrics_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def measure(pipe: TextToImagePipeline, num_samples: int = 2000, progress: bool = False,
-            grammar: str | None = None) -> dict:
-    """What a saved pipeline records about itself: :func:`evaluate_pipeline` at 64x64 ("test"), on the
-    generator's own 32x32 images ("test_32", seen captions and diversity), and at 64x64 with bicubic
-    upsampling in place of the refiner ("test_bicubic": what the refiner adds); seed 0, rounded; test
+def measure(pipe, num_samples: int = 2000, progress: bool = False, grammar: str | None = None) -> dict:
+    """What a saved pipeline (this module's, or a :class:`~textimg.diffusion.DiffusionPipeline`) records
+    about itself: :func:`evaluate_pipeline` at 64x64 ("test"), on its first stage's own 32x32 images
+    ("test_32", seen captions and diversity), and at 64x64 with bicubic upsampling in place of the
+    refiner or SR model (``pipe.bicubic()``, "test_bicubic": what that stage adds); seed 0, rounded; test
     captions written in ``grammar`` (default: the one the pipeline was trained on, ``pipe.grammar``)."""
     from textimg.training import rounded
 
     grammar = pipe.grammar if grammar is None else grammar
-    bicubic_pipe = TextToImagePipeline(pipe.generator, None, pipe.text_encoder, grammar)
     return {"test": rounded(evaluate_pipeline(pipe, num_samples=num_samples, seed=0, progress=progress,
                                               grammar=grammar)),
             "test_32": rounded(evaluate_pipeline(pipe, num_samples=num_samples, seed=0, size=32,
                                                  parts=("seen", "diversity"), grammar=grammar)),
-            "test_bicubic": rounded(evaluate_pipeline(bicubic_pipe, num_samples=num_samples, seed=0,
+            "test_bicubic": rounded(evaluate_pipeline(pipe.bicubic(), num_samples=num_samples, seed=0,
                                                       parts=("seen", "heldout", "fid"), grammar=grammar))}
 
 
