@@ -418,10 +418,30 @@ def test_generate_shape_range_seeds_and_pil(pipe, tiny_bert):
     (PROMPTS, dict(threshold="bogus"), ValueError, "unknown threshold 'bogus'"),
     (PROMPTS, dict(size=48), ValueError, "size must be 32"),
     (PROMPTS, dict(seed=1.5), TypeError, "seed"),
+    (PROMPTS, dict(guidence=3.0), ValueError, r"unknown sampling setting\(s\) \['guidence'\]"),
+    (PROMPTS, dict(aug_level=2.0), ValueError, "aug_level must be in"),
 ])
 def test_bad_input_gets_clear_errors(pipe, prompts, kwargs, error, match):
     with pytest.raises(error, match=match):
         pipe.generate(prompts, **kwargs)
+
+
+def test_settings_view_and_super_resolution_alone(pipe, tiny_bert):
+    """with_settings: the same networks with other defaults (what evaluate_pipeline measures);
+    superresolve: the SR stage on given low-res images, as sample() runs it."""
+    view = pipe.with_settings(**FAST)
+    assert view.base is pipe.base and pipe.settings == DiffusionPipeline.SAMPLING  # the original is unchanged
+    assert view.settings == {**DiffusionPipeline.SAMPLING, **FAST}
+    assert torch.equal(view.sample(PROMPTS, seed=1), pipe.sample(PROMPTS, seed=1, **FAST))
+    assert torch.equal(view.sample(PROMPTS, seed=1, guidance=1.0), pipe.sample(PROMPTS, seed=1, steps=2, guidance=1.0))
+    low = torch.rand(2, 3, 32, 32) * 2 - 1
+    up = pipe.superresolve(low, PROMPTS, seed=3, **FAST)
+    assert up.shape == (2, 3, 64, 64) and torch.equal(up, pipe.superresolve(low, PROMPTS, seed=3, **FAST))
+    assert not torch.equal(up, pipe.superresolve(low, PROMPTS, seed=3, aug_level=0.0, **FAST))  # the level matters
+    with pytest.raises(ValueError, match="one prompt per image"):
+        pipe.superresolve(low, PROMPTS[:1], **FAST)
+    with pytest.raises(ValueError, match="no super-resolution model"):
+        DiffusionPipeline(pipe.base, None, tiny_bert).superresolve(low, PROMPTS)
 
 
 def test_mismatched_parts_are_refused(pipe, tiny_bert, minilm):

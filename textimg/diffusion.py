@@ -37,6 +37,7 @@ samplers, training, the pipeline.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -790,6 +791,7 @@ class DiffusionPipeline:
         if grammar not in GRAMMARS:
             raise ValueError(f"unknown grammar {grammar!r}: choose one of {', '.join(GRAMMARS)}")
         self.base, self.superres, self.grammar = base, superres, grammar
+        self.settings = dict(self.SAMPLING)  # generate's defaults; with_settings makes a view with others
         self.size = superres.cfg.image_size if superres is not None else 64  # what generate returns by default
         self.to(next(base.parameters()).device)
 
@@ -808,11 +810,30 @@ class DiffusionPipeline:
         """The same pipeline with bicubic upsampling in place of the SR model (what the SR stage adds)."""
         return DiffusionPipeline(self.base, None, self.text_encoder, self.grammar)
 
+    SAMPLING = {"guidance": 5.0, "steps": 25, "threshold": "static", "percentile": 0.995, "aug_level": 0.2}
+
+    def with_settings(self, **settings) -> "DiffusionPipeline":
+        """The same pipeline (the same networks, not copies) sampling with other defaults, e.g.
+        ``pipe.with_settings(guidance=3, steps=10)``: what :func:`~textimg.pipeline.evaluate_pipeline`
+        measures, since it calls ``sample(captions, seed=..., size=...)`` only. Keys: see :meth:`generate`."""
+        view = copy.copy(self)
+        view.settings = self._settings(settings)
+        return view
+
+    def _settings(self, overrides: dict) -> dict:
+        unknown = sorted(set(overrides) - set(self.SAMPLING))
+        if unknown:
+            raise ValueError(f"unknown sampling setting(s) {unknown}; choose from {sorted(self.SAMPLING)}")
+        settings = {**self.settings, **overrides}
+        _check_sampling(settings["steps"], settings["guidance"], settings["threshold"], settings["percentile"])
+        if not 0 <= settings["aug_level"] <= 1:
+            raise ValueError(f"aug_level must be in [0, 1], got {settings['aug_level']!r}")
+        return settings
+
     def sample(self, prompts: list[str] | str, seed: int = 0, num_per_prompt: int = 1, batch_size: int = 256,
-               size: int | None = None, guidance: float = 5.0, steps: int = 25, threshold: str | None = "static",
-               aug_level: float = 0.2) -> Tensor:
+               size: int | None = None, **settings) -> Tensor:
         """Like :meth:`generate`, in the package's range [-1, 1] (what the metrics and the judge read)."""
-        _check_sampling(steps, guidance, threshold, 0.995)
+        opts = self._settings(settings)
         size = self.size if size is None else size
         low = self.base.cfg.image_size
         if size not in (low, self.size):
@@ -830,22 +851,46 @@ class DiffusionPipeline:
         sr = self.superres is not None and size > low
         if sr:
             sr_T, aug_noise = torch.randn(2, n, 3, size, size, generator=rng)
+        sampling = dict(steps=opts["steps"], scale=opts["guidance"], threshold=opts["threshold"],
+                        percentile=opts["percentile"])
         out = []
         for s in range(0, n, batch_size):
             t, b = text[s:s + batch_size].to(self.device), slice(s, s + batch_size)
-            x = ddim_sample(self.base, tuple(x_T[b].shape), t, steps, guidance, threshold=threshold, x_T=x_T[b])
+            x = ddim_sample(self.base, tuple(x_T[b].shape), t, x_T=x_T[b], **sampling)
             if sr:
-                cond = low_res_condition(x, size, aug_level, aug_noise[b].to(self.device))
-                x = ddim_sample(self.superres, tuple(sr_T[b].shape), t, steps, guidance, threshold=threshold,
-                                low_res=cond, aug_level=aug_level, x_T=sr_T[b])
+                x = self._superresolve(x, t, opts["aug_level"], aug_noise[b], sr_T[b], sampling)
             elif size > low:
                 x = bicubic(x, size)
             out.append(x.float().cpu())
         return torch.cat(out)
 
+    def superresolve(self, x_low: Tensor, prompts: list[str] | str, seed: int = 0, **settings) -> Tensor:
+        """The SR stage alone, on given low-resolution images (B, 3, s, s) in [-1, 1] (the base model's,
+        or real ones) and their B prompts: (B, 3, S, S) in [-1, 1], S the SR model's size. The settings
+        are :meth:`generate`'s (``aug_level``: how much noise the conditioning image gets)."""
+        if self.superres is None:
+            raise ValueError("this pipeline has no super-resolution model (superres=None)")
+        opts = self._settings(settings)
+        prompts = _check_prompts(prompts)
+        if x_low.dim() != 4 or x_low.shape[0] != len(prompts) or x_low.shape[-1] != self.base.cfg.image_size:
+            raise ValueError(f"x_low must be (B, 3, {self.base.cfg.image_size}, {self.base.cfg.image_size}) with "
+                             f"one prompt per image, got {tuple(x_low.shape)} and {len(prompts)} prompts")
+        size, rng = self.superres.cfg.image_size, torch.Generator().manual_seed(seed)
+        aug_noise, sr_T = torch.randn(2, len(prompts), 3, size, size, generator=rng)
+        text = self.text_encoder.encode(prompts).to(self.device)
+        sampling = dict(steps=opts["steps"], scale=opts["guidance"], threshold=opts["threshold"],
+                        percentile=opts["percentile"])
+        return self._superresolve(x_low.to(self.device), text, opts["aug_level"], aug_noise, sr_T, sampling).cpu()
+
+    def _superresolve(self, x: Tensor, text: TextEncoding, aug_level: float, aug_noise: Tensor, x_T: Tensor,
+                      sampling: dict) -> Tensor:
+        """x (B, 3, s, s) -> (B, 3, S, S): the noised, upsampled conditioning image, then DDIM with the SR model."""
+        cond = low_res_condition(x, x_T.shape[-1], aug_level, aug_noise.to(self.device))
+        return ddim_sample(self.superres, tuple(x_T.shape), text, low_res=cond, aug_level=aug_level, x_T=x_T,
+                           **sampling)
+
     def generate(self, prompts: list[str] | str, seed: int = 0, num_per_prompt: int = 1, batch_size: int = 256,
-                 size: int | None = None, guidance: float = 5.0, steps: int = 25, threshold: str | None = "static",
-                 aug_level: float = 0.2) -> Tensor:
+                 size: int | None = None, **settings) -> Tensor:
         """Generates images for prompts.
 
         Args:
@@ -854,10 +899,12 @@ class DiffusionPipeline:
             num_per_prompt: images per prompt, grouped by prompt.
             batch_size: images per forward pass (memory only: results agree up to float rounding).
             size: 64 (default: after super-resolution, or bicubic without it) or 32 (the base model's).
-            guidance: the classifier-free guidance weight w >= 0 (1: conditional only); 5 gave the best
-                caption accuracy in NOTES-wave2. steps: DDIM steps (10 did as well as 50 there).
-            threshold: "static" (clip x0 to [-1, 1]), "dynamic" (Imagen's, p = 0.995) or None.
-            aug_level: the noise level of the SR model's conditioning image (imagen-pytorch's 0.2).
+            settings: override the pipeline's sampling settings (:meth:`with_settings`, default
+                :attr:`SAMPLING`): ``guidance`` the classifier-free guidance weight w >= 0 (1: conditional
+                only; 5 gave the best caption accuracy in NOTES-wave2), ``steps`` DDIM steps (10 did as
+                well as 50 there), ``threshold`` "static" (clip x0 to [-1, 1]), "dynamic" (Imagen's) or
+                None, ``percentile`` dynamic thresholding's p, ``aug_level`` the noise level of the SR
+                model's conditioning image (imagen-pytorch's 0.2).
 
         Returns:
             float (B * num_per_prompt, 3, size, size) in [0, 1], on the CPU.
@@ -865,8 +912,7 @@ class DiffusionPipeline:
         Raises:
             TypeError / ValueError naming the bad prompt or argument.
         """
-        return to_unit(self.sample(prompts, seed, num_per_prompt, batch_size, size, guidance, steps, threshold,
-                                   aug_level))
+        return to_unit(self.sample(prompts, seed, num_per_prompt, batch_size, size, **settings))
 
     def __call__(self, prompts: list[str] | str, seed: int = 0, **kwargs) -> list:
         """Like :meth:`generate`, returning a list of PIL images (RGB)."""
@@ -946,8 +992,6 @@ def train_diffusion_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: Diff
     ``base/`` and ``superres/`` (the EMA weights), ``pipeline/`` (the DiffusionPipeline) and
     ``training/`` (text cache, resumable checkpoints). Run it again to resume; finished stages are
     skipped. Every fact a saved config records is written here, by code. Returns ``out_dir/pipeline``."""
-    import copy
-
     from textimg.data import ShapesDataset
     from textimg.pipeline import measure
     from textimg.training import on_cpu, run_facts

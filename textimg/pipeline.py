@@ -266,12 +266,15 @@ def _load_v1(directory: Path) -> tuple[dict, dict]:
 PARTS = ("seen", "heldout", "structures", "fid", "diversity", "refiner")
 
 
-def evaluate_pipeline(pipe: TextToImagePipeline, judge: torch.nn.Module | None = None, num_samples: int = 2000,
-                      seed: int = 0, size: int = 64, parts: tuple[str, ...] = PARTS, diversity_captions: int | None = None,
+def evaluate_pipeline(pipe, judge: torch.nn.Module | None = None, num_samples: int = 2000, seed: int = 0,
+                      size: int = 64, parts: tuple[str, ...] = PARTS, diversity_captions: int | None = None,
                       diversity_samples: int = 16, progress: bool = False, inception: bool = False,
                       grammar: str | None = None) -> dict:
     """Every number the course reports for a pipeline (or a bare generator, wrapped in one), on the
-    shapes dataset's test split. ``parts`` chooses what to measure:
+    shapes dataset's test split. ``pipe`` is a :class:`TextToImagePipeline` or a
+    :class:`~textimg.diffusion.DiffusionPipeline` (anything with ``sample(captions, seed=, size=)`` and
+    ``grammar``; ``DiffusionPipeline.with_settings`` chooses its guidance and steps). ``parts`` chooses
+    what to measure:
 
     - ``seen``: judge accuracy (per attribute and all four) of the images for the captions of
       ``num_samples`` test items (compositions seen in training), the three most frequent shape
