@@ -134,11 +134,14 @@ _MAX_PHRASE = max(len(p) for p in _PHRASES)
 _FILLER = {w for ts in GRAMMARS.values() for t in ts for w in _normalise(re.sub(r"\{\w+\}", " ", t))} | {"an"}
 
 
-def _structures(grammar: str) -> tuple[str, ...]:
-    """The sentence structures of ``grammar``; a clear error for an unknown name."""
+def check_grammar(grammar: str, training: bool = False) -> str:
+    """``grammar`` if it names one of :data:`GRAMMARS` (with ``training``: one a model may be trained
+    on, so not "heldout"), else a ValueError naming the choices. The one check of a grammar name."""
+    if training and grammar not in ("templates", "rich"):
+        raise ValueError(f"grammar must be 'templates' or 'rich' ('heldout' is for testing), got {grammar!r}")
     if grammar not in GRAMMARS:
         raise ValueError(f"unknown grammar {grammar!r}: choose one of {', '.join(GRAMMARS)}")
-    return GRAMMARS[grammar]
+    return grammar
 
 
 def _a_or_an(text: str) -> str:
@@ -162,7 +165,7 @@ def make_caption(labels: dict[str, int | str], template: int | None = None,
     Returns:
         e.g. "a small red circle in the top left".
     """
-    structures = _structures(grammar)
+    structures = GRAMMARS[check_grammar(grammar)]
     words = {}
     for attr, values in ATTRIBUTES.items():
         if attr not in labels:
@@ -400,7 +403,7 @@ class ShapesDataset(Dataset):
         if image_size not in IMAGE_SIZES:
             raise ValueError(f"image_size must be one of {IMAGE_SIZES} (64 is rendered, smaller sizes "
                              f"are area-downsampled from it), got {image_size!r}")
-        _structures(grammar)  # raises for an unknown grammar now, not at the first caption
+        check_grammar(grammar)  # raises for an unknown grammar now, not at the first caption
         self.num_samples, self.split, self.seed, self.grammar = num_samples, split, seed, grammar
         self.image_size, self.holdout, self.cache = image_size, holdout, cache
         held = {(ATTRIBUTES["color"].index(c), ATTRIBUTES["shape"].index(s)) for c, s in HELDOUT}

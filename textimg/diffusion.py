@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from textimg.config import DIFFUSION_DIR, PresetConfig, check_preset
-from textimg.data import GRAMMARS
+from textimg.data import check_grammar
 from textimg.pipeline import _check_prompts, training_grammar
 from textimg.refiner import bicubic
 from textimg.text import TextEncoder, TextEncoding
@@ -788,9 +788,7 @@ class DiffusionPipeline:
         if superres is not None and superres.cfg.image_size <= base.cfg.image_size:
             raise ValueError(f"the SR U-Net makes {superres.cfg.image_size}px images, the base model "
                              f"{base.cfg.image_size}px: nothing to upsample")
-        if grammar not in GRAMMARS:
-            raise ValueError(f"unknown grammar {grammar!r}: choose one of {', '.join(GRAMMARS)}")
-        self.base, self.superres, self.grammar = base, superres, grammar
+        self.base, self.superres, self.grammar = base, superres, check_grammar(grammar)
         self.settings = dict(self.SAMPLING)  # generate's defaults; with_settings makes a view with others
         self.size = superres.cfg.image_size if superres is not None else 64  # what generate returns by default
         self.to(next(base.parameters()).device)
@@ -830,6 +828,12 @@ class DiffusionPipeline:
             raise ValueError(f"aug_level must be in [0, 1], got {settings['aug_level']!r}")
         return settings
 
+    @staticmethod
+    def _ddim_args(settings: dict) -> dict:
+        """The settings as :func:`ddim_sample`'s keyword arguments (the guidance weight is its ``scale``)."""
+        return dict(steps=settings["steps"], scale=settings["guidance"], threshold=settings["threshold"],
+                    percentile=settings["percentile"])
+
     def sample(self, prompts: list[str] | str, seed: int = 0, num_per_prompt: int = 1, batch_size: int = 256,
                size: int | None = None, **settings) -> Tensor:
         """Like :meth:`generate`, in the package's range [-1, 1] (what the metrics and the judge read)."""
@@ -851,8 +855,7 @@ class DiffusionPipeline:
         sr = self.superres is not None and size > low
         if sr:
             sr_T, aug_noise = torch.randn(2, n, 3, size, size, generator=rng)
-        sampling = dict(steps=opts["steps"], scale=opts["guidance"], threshold=opts["threshold"],
-                        percentile=opts["percentile"])
+        sampling = self._ddim_args(opts)
         out = []
         for s in range(0, n, batch_size):
             t, b = text[s:s + batch_size].to(self.device), slice(s, s + batch_size)
@@ -878,8 +881,7 @@ class DiffusionPipeline:
         size, rng = self.superres.cfg.image_size, torch.Generator().manual_seed(seed)
         aug_noise, sr_T = torch.randn(2, len(prompts), 3, size, size, generator=rng)
         text = self.text_encoder.encode(prompts).to(self.device)
-        sampling = dict(steps=opts["steps"], scale=opts["guidance"], threshold=opts["threshold"],
-                        percentile=opts["percentile"])
+        sampling = self._ddim_args(opts)
         return self._superresolve(x_low.to(self.device), text, opts["aug_level"], aug_noise, sr_T, sampling).cpu()
 
     def _superresolve(self, x: Tensor, text: TextEncoding, aug_level: float, aug_noise: Tensor, x_T: Tensor,
@@ -980,8 +982,7 @@ class DiffusionPipelineTrainConfig(PresetConfig):
              "gpu": dict(num_train=40_000, base_steps=20_000, sr_steps=8000, checkpoint_every=500)}
 
     def __post_init__(self):
-        if self.grammar not in GRAMMARS or self.grammar == "heldout":
-            raise ValueError(f"grammar must be 'templates' or 'rich' ('heldout' is for testing), got {self.grammar!r}")
+        check_grammar(self.grammar, training=True)
 
 
 def train_diffusion_pipeline(out_dir: str | Path, preset: str = "cpu", cfg: DiffusionPipelineTrainConfig | None = None,

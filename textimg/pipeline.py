@@ -74,7 +74,7 @@ class TextToImagePipeline:
 
     def __init__(self, generator: Generator, refiner: Refiner | None = None,
                  text_encoder: TextEncoder | str = "minilm", grammar: str = "templates"):
-        from textimg.data import GRAMMARS
+        from textimg.data import check_grammar
 
         if not isinstance(generator, Generator):
             raise TypeError(f"generator must be a textimg Generator, got {type(generator).__name__}")
@@ -87,9 +87,7 @@ class TextToImagePipeline:
         if refiner is not None and refiner.cfg.text_cond and refiner.cfg.text_dim != self.text_encoder.dim:
             raise ValueError(f"the refiner expects text_dim={refiner.cfg.text_dim}, "
                              f"the text encoder gives {self.text_encoder.dim}")
-        if grammar not in GRAMMARS:
-            raise ValueError(f"unknown grammar {grammar!r}: choose one of {', '.join(GRAMMARS)}")
-        self.generator, self.refiner, self.grammar = generator, refiner, grammar
+        self.generator, self.refiner, self.grammar = generator, refiner, check_grammar(grammar)
         self.to(next(generator.parameters()).device)
 
     # -- where it runs ---------------------------------------------------------------------------
@@ -434,10 +432,9 @@ class PipelineTrainConfig(PresetConfig):
                          checkpoint_every=500)}
 
     def __post_init__(self):
-        from textimg.data import GRAMMARS
+        from textimg.data import check_grammar
 
-        if self.grammar not in GRAMMARS or self.grammar == "heldout":
-            raise ValueError(f"grammar must be 'templates' or 'rich' ('heldout' is for testing), got {self.grammar!r}")
+        check_grammar(self.grammar, training=True)
 
 
 TRAIN_STAGES = ("text", "refiner", "gan", "refiner_gan", "pipeline")
